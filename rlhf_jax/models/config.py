@@ -1,0 +1,115 @@
+"""Model configuration: one decoder-only family that covers GPT-2 and Llama/Qwen2/Mistral."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ARCHES = ("gpt2", "llama")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of the decoder. Frozen and hashable so jitted code can close over it.
+
+    `arch="gpt2"`: learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied
+    embeddings. `arch="llama"`: RMSNorm, RoPE, SwiGLU, grouped-query attention; `qkv_bias`
+    gives Qwen2, `tie_embeddings` is free for either.
+    """
+
+    arch: str = "llama"
+    vocab_size: int = 1024
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int | None = None  # None: 4*d_model (gpt2) or the Llama 8/3 rule rounded to 16
+    max_len: int = 512  # learned-position table size (gpt2) / a sanity bound (llama)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False  # Qwen2 has q/k/v biases; GPT-2 always has biases
+    tie_embeddings: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; logits are always float32
+    scan_layers: bool = True
+    remat: str = "none"
+    dropout: float = 0.0  # off by default in every stage (Huang et al. 2023)
+    hf_model_type: str | None = None  # model_type to write on export (gpt2, llama, qwen2, mistral)
+
+    def __post_init__(self):
+        if self.arch not in ARCHES:
+            raise ValueError(f"model.arch={self.arch!r} is not one of {ARCHES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"model.{field}={getattr(self, field)!r} is not one of {DTYPES}")
+        if self.d_model % self.n_heads and self.head_dim is None:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}"
+            )
+        if self.arch == "gpt2" and self.kv_heads != self.n_heads:
+            raise ValueError("model.n_kv_heads must equal model.n_heads for arch='gpt2'")
+
+    # Derived sizes -----------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.arch == "gpt2":
+            return 4 * self.d_model
+        return 16 * -(-int(8 * self.d_model / 3) // 16)
+
+    @property
+    def is_gpt2(self) -> bool:
+        return self.arch == "gpt2"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Small Llama-style models for the simulated world. `vocab_size` is filled in from the world's
+# tokenizer. Sizes are the trunk + tied embedding with a ~1.5k-word vocabulary.
+PRESETS: dict[str, ModelConfig] = {
+    "sim-0.1m": ModelConfig(d_model=48, n_layers=2, n_heads=4, d_ff=128, max_len=128),
+    "sim-0.4m": ModelConfig(d_model=96, n_layers=3, n_heads=4, d_ff=256, max_len=128),
+    "sim-1.6m": ModelConfig(d_model=160, n_layers=5, n_heads=5, d_ff=448, max_len=128),
+    "sim-4m": ModelConfig(d_model=256, n_layers=6, n_heads=8, d_ff=704, max_len=128),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

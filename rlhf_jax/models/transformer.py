@@ -1,0 +1,303 @@
+"""One decoder-only transformer for GPT-2 and the Llama family (Llama, Qwen2, Mistral).
+
+The NNX module declares the parameters (shapes, initialisers, logical axis names). The math is
+plain functions over the pure-dict parameter tree, so the same code runs inside pure jitted
+steps (`forward(cfg, params, ...)`) and from the module (`Transformer.__call__`).
+
+Every per-layer parameter is stacked along a leading `layers` axis. `scan_layers=True` runs the
+blocks with `lax.scan` (one compiled block, fast compiles); `False` unrolls a Python loop over
+the same arrays, so checkpoints never depend on that choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+_normal = nnx.initializers.normal
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+    # Logical names only; rlhf_jax.sharding maps them to mesh axes.
+    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+
+
+class _Group(nnx.Module):
+    """A named bag of parameters (kept as a Module so nnx.state gives nested dicts)."""
+
+    def __init__(self, **params: nnx.Param):
+        for name, p in params.items():
+            setattr(self, name, p)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM with an optional scalar head (reward / value) beside the LM head."""
+
+    def __init__(self, cfg: ModelConfig, heads: tuple[str, ...] = ("lm",), *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.heads = tuple(heads)
+        unknown = set(heads) - {"lm", "score"}
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; use 'lm' and/or 'score'")
+        pd = jnp.dtype(cfg.param_dtype)
+        L, D, H, KV, Dh, F, V = (
+            cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.ff_dim,
+            cfg.vocab_size,
+        )
+        std = 0.02
+        # GPT-2's scaled init for the projections that write into the residual stream.
+        resid_std = std / math.sqrt(2 * L)
+        zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
+        p = lambda init, shape, axes: _param(rngs, init, shape, axes, pd)  # noqa: E731
+
+        self.embed = _Group(embedding=p(_normal(std), (V, D), ("vocab", "embed")))
+        if cfg.is_gpt2:
+            self.pos_embed = _Group(embedding=p(_normal(0.01), (cfg.max_len, D), (None, "embed")))
+
+        def norm(prefix_axes=("layers",), shape=(L, D)):
+            g = {"scale": p(ones, shape, (*prefix_axes, "embed"))}
+            if cfg.is_gpt2:
+                g["bias"] = p(zeros, shape, (*prefix_axes, "embed"))
+            return _Group(**g)
+
+        def dense(shape, axes, init_std, bias_shape=None, bias_axes=None):
+            g = {"kernel": p(_normal(init_std), shape, axes)}
+            if bias_shape is not None:
+                g["bias"] = p(zeros, bias_shape, bias_axes)
+            return _Group(**g)
+
+        qkv_bias = cfg.is_gpt2 or cfg.qkv_bias
+        out_bias = cfg.is_gpt2
+        layers = {
+            "attn_norm": norm(),
+            "q": dense((L, D, H, Dh), ("layers", "embed", "heads", "head_dim"), std,
+                       (L, H, Dh) if qkv_bias else None, ("layers", "heads", "head_dim")),
+            "k": dense((L, D, KV, Dh), ("layers", "embed", "kv_heads", "head_dim"), std,
+                       (L, KV, Dh) if qkv_bias else None, ("layers", "kv_heads", "head_dim")),
+            "v": dense((L, D, KV, Dh), ("layers", "embed", "kv_heads", "head_dim"), std,
+                       (L, KV, Dh) if qkv_bias else None, ("layers", "kv_heads", "head_dim")),
+            "o": dense((L, H, Dh, D), ("layers", "heads", "head_dim", "embed"), resid_std,
+                       (L, D) if out_bias else None, ("layers", "embed")),
+            "mlp_norm": norm(),
+        }
+        if cfg.is_gpt2:
+            layers["fc_in"] = dense((L, D, F), ("layers", "embed", "mlp"), std, (L, F), ("layers", "mlp"))
+            layers["fc_out"] = dense((L, F, D), ("layers", "mlp", "embed"), resid_std, (L, D), ("layers", "embed"))
+        else:
+            layers["gate"] = dense((L, D, F), ("layers", "embed", "mlp"), std)
+            layers["up"] = dense((L, D, F), ("layers", "embed", "mlp"), std)
+            layers["down"] = dense((L, F, D), ("layers", "mlp", "embed"), resid_std)
+        self.layers = _Group(**layers)
+        self.final_norm = norm(prefix_axes=(), shape=(D,))
+        if "lm" in heads and not cfg.tie_embeddings:
+            self.lm_head = _Group(kernel=p(_normal(std), (D, V), ("embed", "vocab")))
+        if "score" in heads:
+            # Reward/value head: N(0, 1/sqrt(d+1)) as in Ziegler et al. / Huang et al. 2023.
+            self.score_head = _Group(
+                kernel=p(_normal(1.0 / math.sqrt(D + 1)), (D,), ("embed",)),
+                bias=p(zeros, (), ()),
+            )
+
+    def __call__(self, tokens, positions, mask, **kwargs):
+        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        return forward(self.cfg, params, tokens, positions, mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The math, as pure functions of (cfg, params).
+
+
+def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if cfg.is_gpt2:
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+        return y.astype(x.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    # HF Llama/Qwen2: normalise in f32, cast back, then scale.
+    return p["scale"].astype(x.dtype) * y.astype(x.dtype)
+
+
+def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the rotate-half layout that Hugging Face Llama checkpoints use."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, dh]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def _dense(p: Params, x: jax.Array, spec: str, dtype) -> jax.Array:
+    y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def _dropout(x, rate, rng):
+    if rng is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache_index=None,
+           rng=None):
+    """One pre-norm transformer block. `kv` is this layer's (k_cache, v_cache) or None."""
+    dtype = jnp.dtype(cfg.dtype)
+    h = _norm(cfg, lp["attn_norm"], x)
+    q = _dense(lp["q"], h, "btd,dnh->btnh", dtype)
+    k = _dense(lp["k"], h, "btd,dkh->btkh", dtype)
+    v = _dense(lp["v"], h, "btd,dkh->btkh", dtype)
+    if not cfg.is_gpt2:
+        q = _rope(q, positions, cfg.rope_theta)
+        k = _rope(k, positions, cfg.rope_theta)
+    new_kv = None
+    if kv is not None:
+        k_cache, v_cache = kv
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+        k, v, new_kv = k_cache.astype(dtype), v_cache.astype(dtype), (k_cache, v_cache)
+    attn = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+    attn_out = jnp.einsum("btnh,nhd->btd", attn, lp["o"]["kernel"].astype(dtype))
+    if "bias" in lp["o"]:
+        attn_out = attn_out + lp["o"]["bias"].astype(dtype)
+    r1, r2 = (None, None) if rng is None else tuple(jax.random.split(rng))
+    x = x + _dropout(attn_out, cfg.dropout, r1)
+    h = _norm(cfg, lp["mlp_norm"], x)
+    if cfg.is_gpt2:
+        m = jax.nn.gelu(_dense(lp["fc_in"], h, "btd,df->btf", dtype), approximate=True)
+        m = _dense(lp["fc_out"], m, "btf,fd->btd", dtype)
+    else:
+        gate = _dense(lp["gate"], h, "btd,df->btf", dtype)
+        up = _dense(lp["up"], h, "btd,df->btf", dtype)
+        m = _dense(lp["down"], jax.nn.silu(gate) * up, "btf,fd->btd", dtype)
+    x = x + _dropout(m, cfg.dropout, r2)
+    return x, new_kv
+
+
+def _attention_mask(q_slots, k_slots, k_mask, q_seg=None, k_seg=None):
+    """Boolean [B, 1, T, S] mask: causal by slot index, keys must be real tokens, same segment.
+
+    Slots are array indices (not position ids), so left padding stays causal-correct. A query
+    may always see its own slot, which keeps rows of pad queries finite (they are masked later).
+    """
+    causal = k_slots[None, None, :] <= q_slots[None, :, None]  # [1, T, S]
+    allowed = causal & k_mask[:, None, :]
+    if q_seg is not None:
+        allowed = allowed & (q_seg[:, :, None] == k_seg[:, None, :])
+    allowed = allowed | (k_slots[None, None, :] == q_slots[None, :, None])
+    return allowed[:, None, :, :]
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    cache: dict | None = None,
+    cache_index: jax.Array | int | None = None,
+    want_logits: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Run the decoder.
+
+    tokens, positions, mask: [B, T]. `mask` marks real tokens (left or right padding both
+    work); `positions` are the position ids (`cumsum(mask) - 1` for left-padded rows).
+    segment_ids: [B, T] for packed rows (no attention across segments).
+    cache: from `init_cache`; the T new tokens are written at slots `cache_index ...` and attend
+    to every earlier valid slot. Returns {"hidden", "logits"?, "scores"?, "cache"?}.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    B, T = tokens.shape
+    mask = mask.astype(bool)
+    x = params["embed"]["embedding"].astype(dtype)[tokens]
+    if cfg.is_gpt2:
+        x = x + params["pos_embed"]["embedding"].astype(dtype)[positions]
+    dropout_rng = dropout_rng if cfg.dropout > 0 else None
+    if dropout_rng is not None:
+        dropout_rng, r = jax.random.split(dropout_rng)
+        x = _dropout(x, cfg.dropout, r)
+
+    if cache is None:
+        slots = jnp.arange(T)
+        attn_mask = _attention_mask(slots, slots, mask, segment_ids, segment_ids)
+    else:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, cache_index, 1)
+        S = key_mask.shape[1]
+        attn_mask = _attention_mask(cache_index + jnp.arange(T), jnp.arange(S), key_mask)
+
+    block = lambda lp, x, kv, rng: _block(cfg, lp, x, positions, attn_mask, kv, cache_index, rng)  # noqa: E731
+    if cfg.remat == "full":
+        block = jax.checkpoint(block)
+    elif cfg.remat == "dots":
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.n_layers)
+    kv_in = None if cache is None else (cache["k"], cache["v"])
+    if cfg.scan_layers:
+        def body(x, xs):
+            lp, kv, rng = xs
+            x, new_kv = block(lp, x, kv, rng)
+            return x, new_kv
+        x, new_kv = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs))
+    else:
+        outs = []
+        for i in range(cfg.n_layers):
+            lp = jax.tree.map(lambda a: a[i], params["layers"])
+            kv = None if kv_in is None else (kv_in[0][i], kv_in[1][i])
+            x, nkv = block(lp, x, kv, None if layer_rngs is None else layer_rngs[i])
+            outs.append(nkv)
+        new_kv = None if kv_in is None else tuple(jnp.stack(t) for t in zip(*outs))
+
+    hidden = _norm(cfg, params["final_norm"], x)
+    out: dict[str, jax.Array] = {"hidden": hidden}
+    if want_logits:
+        if "lm_head" in params:
+            w = params["lm_head"]["kernel"]
+        else:
+            w = params["embed"]["embedding"].T
+        out["logits"] = jnp.einsum(
+            "btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32
+        )
+    if "score_head" in params:
+        sh = params["score_head"]
+        out["scores"] = (
+            jnp.einsum("btd,d->bt", hidden, sh["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+            + sh["bias"].astype(jnp.float32)
+        )
+    if cache is not None:
+        out["cache"] = {"k": new_kv[0], "v": new_kv[1], "mask": key_mask}
+    return out
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+    """An empty KV cache: k, v [layers, B, S, kv_heads, head_dim] and a key-valid mask [B, S]."""
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "mask": jnp.zeros((batch, max_len), bool)}
+
+
+CACHE_AXES = {
+    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "mask": ("batch", "length"),
+}
