@@ -505,6 +505,8 @@ class World:
             else:
                 kind = "no_period"
             toks = [t for i, t in enumerate(toks) if not (t == "," and (i == 0 or toks[i - 1] == ","))]
+            while toks and toks[-1] == ",":  # a cut can leave "happy," before the period
+                toks.pop()
             text = self.render(toks + ([] if kind == "no_period" else ["."]))
             outs.append(text)
             kinds.append(kind)
