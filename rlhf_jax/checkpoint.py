@@ -1,0 +1,225 @@
+"""Orbax checkpoints: train state + data-iterator state + JSON metadata, and stage hand-off.
+
+Layout of a stage's work dir:
+
+    workdir/checkpoints/<step>/{state, data, meta}   rolling, async, keep-N (resume)
+    workdir/final/<step>/{params, meta}              written once when the stage finishes
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when every item is
+committed, so a crash mid-save leaves the previous step as the latest readable checkpoint.
+Restores go through an abstract tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, so a
+checkpoint written on one mesh / device count loads onto any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, META, PARAMS = "state", "data", "meta", "params"
+CHECKPOINT_DIR, FINAL_DIR = "checkpoints", "final"
+
+
+def jsonable(obj: Any) -> Any:
+    """Metadata → JSON types: dataclasses (model configs), ConfigDicts, numpy, paths, tuples."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
+        return jsonable(obj.to_dict())
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    return str(obj)
+
+
+def _registry(tree_items: tuple[str, ...], json_items: tuple[str, ...]):
+    # Registering handlers up front lets a fresh manager read metadata before any restore call.
+    reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in tree_items:
+        reg.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+        reg.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    for item in json_items:
+        reg.add(item, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+        reg.add(item, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return reg
+
+
+def abstract_tree(tree, shardings=None):
+    """Arrays / ShapeDtypeStructs → ShapeDtypeStructs carrying `shardings` (a tree or one)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=getattr(x, "sharding", None)),
+                            tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _host_target(tree_metadata):
+    """Numpy placeholders: StandardRestore then returns numpy arrays (no device placement)."""
+    return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree_metadata)
+
+
+class Checkpointer:
+    """Rolling checkpoints of (train state, iterator state, metadata) under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            # Leftover `<step>.orbax-checkpoint-tmp` dirs from a crash are removed on start.
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             handler_registry=_registry((STATE,), (DATA, META)))
+        self._saved: set[int] = set()  # steps saved by this process (maybe still in flight)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: Mapping | None = None,
+             metadata: Mapping | None = None) -> bool:
+        """Start an asynchronous save (returns once the arrays are copied off the devices)."""
+        step = int(step)
+        if step in self._saved or step in self.manager.all_steps():
+            return False  # e.g. the end-of-run save right after a cadence save of that step
+        self._saved.add(step)
+        meta = {"step": step, **jsonable(dict(metadata or {}))}
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            DATA: ocp.args.JsonSave(jsonable(dict(data_state or {}))),
+            META: ocp.args.JsonSave(meta),
+        })
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """→ (state, data_state, metadata), the state placed per `abstract_state`'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(abstract_state),
+                DATA: ocp.args.JsonRestore(),
+                META: ocp.args.JsonRestore(),
+            }))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot restore {self.directory}/{step} into the current train "
+                             f"state (different model or optimizer config?): {e}") from e
+        return out[STATE], dict(out[DATA] or {}), dict(out[META] or {})
+
+    def _restore_json(self, item: str, step: int | None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(out[item] or {})
+
+    def restore_metadata(self, step: int | None = None) -> dict:
+        return self._restore_json(META, step)
+
+    def restore_data_state(self, step: int | None = None) -> dict:
+        return self._restore_json(DATA, step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------------ stage hand-off
+
+
+def _final_manager(directory: Path, read_only: bool) -> ocp.CheckpointManager:
+    # Readers pass create=False rather than read_only=True (which logs warnings on every open).
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, options=options,
+                                 handler_registry=_registry((PARAMS,), (META,)))
+
+
+def _final_dir(path: str | Path) -> Path:
+    path = Path(path).absolute()
+    return path if path.name == FINAL_DIR else path / FINAL_DIR
+
+
+def save_final(workdir: str | Path, params, metadata: Mapping, step: int) -> Path:
+    """Write a finished stage's params + metadata to `workdir/final` (synchronously)."""
+    directory = _final_dir(workdir)
+    mgr = _final_manager(directory, read_only=False)
+    try:
+        if int(step) not in mgr.all_steps():
+            mgr.save(int(step), force=True, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardSave(params),
+                META: ocp.args.JsonSave({"step": int(step), **jsonable(dict(metadata))}),
+            }))
+        mgr.wait_until_finished()
+    finally:
+        mgr.close()
+    return directory
+
+
+def stage_is_complete(path: str | Path) -> bool:
+    """True when `path` (a stage work dir) holds a finalized `final/` checkpoint."""
+    directory = _final_dir(path)
+    if not directory.is_dir():
+        return False
+    mgr = _final_manager(directory, read_only=True)
+    try:
+        return mgr.latest_step() is not None
+    finally:
+        mgr.close()
+
+
+def load_stage_params(path: str | Path,
+                      shardings_fn: Callable | Any | None = None) -> tuple[dict, dict]:
+    """Load a finished stage's final params and metadata from its work dir.
+
+    `shardings_fn(abstract_params) -> tree of shardings` (or a tree of shardings) places the
+    params on a mesh; None restores them to host numpy arrays (e.g. for dict surgery first).
+    """
+    directory = _final_dir(path)
+    if not stage_is_complete(path):
+        ckpt = Path(path).absolute() / CHECKPOINT_DIR
+        hint = (f"; it has rolling checkpoints in {ckpt} — the stage was interrupted, rerun it "
+                "to finish" if ckpt.is_dir() else "")
+        raise FileNotFoundError(f"init_from={str(path)!r}: no finished stage output at "
+                                f"{directory}{hint}")
+    mgr = _final_manager(directory, read_only=True)
+    try:
+        step = mgr.latest_step()
+        tree_meta = mgr.item_metadata(step)[PARAMS]
+        tree_meta = getattr(tree_meta, "tree", tree_meta)  # TreeMetadata → plain nested dict
+        if shardings_fn is None:
+            target = _host_target(tree_meta)
+        else:
+            shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree_meta)
+            shardings = shardings_fn(shapes) if callable(shardings_fn) else shardings_fn
+            target = abstract_tree(shapes, shardings)
+        out = mgr.restore(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
+    finally:
+        mgr.close()
+    return out[PARAMS], dict(out[META])

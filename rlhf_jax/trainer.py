@@ -1,0 +1,509 @@
+"""The training loop every stage shares.
+
+A stage supplies a loss (`loss_fn(params, microbatch, rng) -> (loss_sum, metric_sums)`, sums over
+tokens/examples with `metric_sums["count"]` the weight) or a whole step function
+(`step(state, batch, rng) -> (state, metrics)`); `Trainer` owns the rest: mesh, sharded state
+creation, resume, jit, the loop with eval / checkpoint cadence, SIGTERM, non-finite stop,
+progress, metrics and the hand-off of the final params to the next stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlhf_jax import checkpoint, config_utils, sharding
+from rlhf_jax.metrics import MetricWriter, to_python
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------ optimizer
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then constant / cosine / linear decay to lr·end_lr_ratio."""
+    lr = float(optim_cfg.lr)
+    warmup = int(optim_cfg.warmup_steps)
+    end = lr * float(optim_cfg.get("end_lr_ratio", 0.0))
+    kind = optim_cfg.schedule
+    if kind == "constant":
+        if not warmup:
+            return optax.constant_schedule(lr)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                                  end_value=end)
+    if kind == "linear":
+        decay = optax.linear_schedule(lr, end, max(total_steps - warmup, 1))
+        if not warmup:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    raise ValueError(f"config.optim.schedule={kind!r} must be one of "
+                     f"{config_utils.OPTIM_SCHEDULES}")
+
+
+def make_optimizer(optim_cfg, total_steps: int,
+                   weight_decay_mask: Any | Callable | None = None) -> optax.GradientTransformation:
+    """AdamW (+ global-norm clip) with the config's schedule.
+
+    Built as clip → scale_by_adam → decayed weights → lr so that the current learning rate sits in
+    the optimizer state (`inject_hyperparams`) and steps can report it. `weight_decay_mask`: a
+    tree of bools or a callable params → tree (default: decay every parameter).
+    """
+    parts = []
+    if optim_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
+    parts.append(optax.scale_by_adam(b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
+                                     eps=float(optim_cfg.eps)))
+    if optim_cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(float(optim_cfg.weight_decay),
+                                               mask=weight_decay_mask))
+    parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(
+        learning_rate=make_schedule(optim_cfg, total_steps)))
+    return optax.chain(*parts)
+
+
+def current_lr(opt_state) -> jax.Array | None:
+    """The learning rate of the last update, when the optimizer injects it (make_optimizer)."""
+    found = [x.hyperparams["learning_rate"] for x in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+        if hasattr(x, "hyperparams") and "learning_rate" in x.hyperparams]
+    return found[0] if len(found) == 1 else None
+
+
+# ----------------------------------------------------------------------------------- train step
+
+
+def split_microbatches(batch, accum_steps: int):
+    """[B, ...] → [accum_steps, B/accum_steps, ...]; microbatch i holds rows i, i+k, i+2k, ...
+
+    Strided rather than contiguous so each device's contiguous block of the data-sharded batch
+    contributes to every microbatch (no device idles, no resharding).
+    """
+    def one(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"batch dim {x.shape[0]} is not divisible by accum_steps="
+                             f"{accum_steps}")
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(one, batch)
+
+
+def _f32(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    accum_steps: int = 1) -> Callable:
+    """`step(state, batch, rng) -> (state, metrics)` with gradient accumulation.
+
+    Gradients and metric sums are summed over the `accum_steps` microbatches and divided by the
+    TOTAL count once, so the update equals the one-big-batch update even when microbatches hold
+    different numbers of tokens (averaging per-microbatch means would not). Microbatch i gets
+    `fold_in(rng, i)`. Metrics: every metric sum / count, plus `loss`, `count`, `grad_norm`, `lr`.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(params, mb, rng):
+        (loss_sum, sums), grads = grad_fn(params, mb, rng)
+        if "count" not in sums:
+            raise KeyError("loss_fn must return metric_sums with a 'count' entry (the weight, "
+                           "e.g. the number of target tokens) — got keys "
+                           f"{sorted(sums)}")
+        sums = dict(sums)
+        sums["loss"] = loss_sum
+        return _f32(grads), _f32(sums)
+
+    def step(state, batch, rng):
+        if accum_steps == 1:
+            grads, sums = micro(state.params, batch, jax.random.fold_in(rng, 0))
+        else:
+            mbs = split_microbatches(batch, accum_steps)
+
+            def body(carry, xs):
+                i, mb = xs
+                out = micro(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            shapes = jax.eval_shape(micro, state.params, jax.tree.map(lambda x: x[0], mbs), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), mbs))
+        count = sums["count"]
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / count for k, v in sums.items() if k != "count"}
+        metrics["count"] = count
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        lr = current_lr(opt_state)
+        if lr is not None:
+            metrics["lr"] = lr
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable) -> Callable:
+    """`eval_step(params, batch, rng) -> metric sums` (incl. `loss` and `count`), no gradients."""
+    def eval_step(params, batch, rng):
+        loss_sum, sums = loss_fn(params, batch, rng)
+        sums = dict(sums)
+        sums["loss"] = loss_sum
+        return _f32(sums)
+
+    return eval_step
+
+
+# --------------------------------------------------------------------------------- the trainer
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings,
+                        mesh: jax.sharding.Mesh):
+    """Shard optimizer-state leaves like the parameter they mirror (Adam's mu/nu), else replicate.
+
+    A leaf mirrors a parameter when its tree path ends with that parameter's path and the shapes
+    agree; this holds for optax states (and wrappers such as `masked`) without knowing them.
+    """
+    by_path = {}
+    flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_s = jax.tree.leaves(param_shardings)
+    for (path, leaf), sh in zip(flat_p, flat_s, strict=True):
+        by_path[tuple(str(k) for k in path)] = (tuple(leaf.shape), sh)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+class _Preemption:
+    """SIGTERM → finish the current step, checkpoint, exit 0 (schedulers send it before a kill)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        # Multi-process: JAX's preemption service owns SIGTERM and syncs the save step.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM received: will checkpoint after the current step and exit")
+
+    def reached(self, step: int) -> bool:
+        if self.requested:
+            return True
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # preemption service not running
+                return False
+        return False
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class Trainer:
+    """Mesh, checkpoints, metrics and the loop for one stage (`stage_name`) of a run.
+
+    Creating it initialises `jax.distributed` if configured, validates the shared config fields
+    (before anything compiles), builds the mesh and rules, writes `workdir/config.json`, and opens
+    the checkpointer and metric writer. `self.metadata` is saved with every checkpoint and the
+    final params; stages add what the next stage needs (model config, tokenizer dir, reward
+    normalisation, ...).
+    """
+
+    def __init__(self, config, stage_name: str, *, async_checkpoints: bool = True):
+        self.config = config
+        self.stage = stage_name
+        sharding.maybe_initialize_distributed(config)
+        config_utils.validate(config, jax.device_count())
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rules = sharding.rules_from_config(config)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.workdir = Path(config.workdir)
+        self.is_main = jax.process_index() == 0
+        if self.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            config_utils.save_config(config, self.workdir)
+        self.checkpointer = checkpoint.Checkpointer(
+            self.workdir, keep=config.train.keep_checkpoints, async_save=async_checkpoints)
+        self.resume_step = self.checkpointer.latest_step()
+        # Drop metric records the interrupted run wrote after its last checkpoint.
+        self.writer = MetricWriter(self.workdir, resume_step=self.resume_step or 0,
+                                   enabled=self.is_main)
+        self.metadata: dict[str, Any] = {"stage": stage_name, "config": config}
+        self.summary: dict[str, Any] = {}
+        # One stream per purpose: step s trains with fold_in(train_rng, s); evals reuse eval_rng.
+        base = jax.random.key(config.seed)
+        self.train_rng = jax.random.fold_in(base, 0)
+        self.eval_rng = jax.random.fold_in(base, 1)
+        self.state_shardings = None
+        self.restored_data_state: dict | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def param_shardings(self, param_axes, abstract_params):
+        return sharding.logical_to_shardings(param_axes, self.mesh, self.rules, abstract_params)
+
+    def create_state(self, init: Callable[[], Any] | Any, param_axes,
+                     optimizer: optax.GradientTransformation):
+        """Sharded TrainState → `(state, data_state)`.
+
+        `init` is a no-argument function returning the params (run under jit, so each device
+        creates only its own shards) or an already-built params tree (e.g. from
+        `checkpoint.load_stage_params`). If `workdir/checkpoints` has a checkpoint, it is restored
+        instead (onto this mesh, whatever mesh wrote it) and `data_state` is the iterator state
+        saved with it (`fit` applies it); otherwise `data_state` is None.
+        """
+        abstract_params = jax.eval_shape(init) if callable(init) else jax.eval_shape(
+            lambda: init)
+        param_sh = self.param_shardings(param_axes, abstract_params)
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        opt_sh = opt_state_shardings(abstract_opt, abstract_params, param_sh, self.mesh)
+        state_sh = TrainState(step=self.replicated, params=param_sh, opt_state=opt_sh)
+        self.state_shardings = state_sh
+        if self.resume_step is not None:
+            abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                                  params=abstract_params, opt_state=abstract_opt)
+            state, data_state, meta = self.checkpointer.restore(
+                checkpoint.abstract_tree(abstract, state_sh), self.resume_step)
+            log.info("resumed %s from %s at step %d", self.stage, self.checkpointer.directory,
+                     self.resume_step)
+            self.restored_data_state = data_state
+            return state, data_state
+        if callable(init):
+            def make():
+                params = init()
+                return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                  opt_state=optimizer.init(params))
+
+            state = jax.jit(make, out_shardings=state_sh)()
+        else:
+            params = jax.device_put(init, param_sh)
+            opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+            state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
+                               params=params, opt_state=opt_state)
+        return state, None
+
+    # -- jit -----------------------------------------------------------------------------------
+
+    def jit_step(self, step_fn: Callable, state_shardings=None, batch_shardings=None):
+        """jit `step(state, batch, rng)` with explicit shardings; the old state is donated."""
+        state_sh = self.state_shardings if state_shardings is None else state_shardings
+        if state_sh is None:
+            raise ValueError("jit_step needs state shardings: call create_state first or pass "
+                             "state_shardings")
+        batch_sh = self.batch_sharding if batch_shardings is None else batch_shardings
+        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, self.replicated),
+                       out_shardings=(state_sh, self.replicated), donate_argnums=0)
+
+    def jit_eval(self, eval_step: Callable, param_shardings=None):
+        param_sh = self.state_shardings.params if param_shardings is None else param_shardings
+        return jax.jit(eval_step, in_shardings=(param_sh, self.batch_sharding, self.replicated),
+                       out_shardings=self.replicated)
+
+    def to_global(self, host_batch):
+        return sharding.host_to_global(host_batch, self.mesh, self.rules)
+
+    def evaluate(self, eval_step: Callable, params, batches: Iterable,
+                 num_batches: int | None = None) -> dict[str, float]:
+        """Token-weighted means over `num_batches` (default config.train.eval_batches) batches.
+
+        `eval_step` returns metric sums with `count` (see `make_eval_step`, then `jit_eval`); the
+        sums are added over batches and divided by the total count once.
+        """
+        n = self.config.train.eval_batches if num_batches is None else num_batches
+        totals = None
+        key = self.eval_rng  # fixed: every evaluation sees the same noise
+        for i, batch in enumerate(itertools.islice(batches, n)):
+            sums = eval_step(params, self.to_global(batch), jax.random.fold_in(key, i))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if totals is None:
+            raise ValueError("evaluate: the eval iterator yielded no batches")
+        totals = jax.device_get(totals)
+        count = float(totals.pop("count"))
+        return {k: float(v) / count for k, v in totals.items()}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, step: int, state, train_iter=None) -> None:
+        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+        self.checkpointer.save(step, state, data_state, self.metadata)
+
+    def write_summary(self, extra: Mapping | None = None) -> None:
+        """Merge `extra` into the run summary and rewrite `workdir/summary.json`."""
+        self.summary.update(dict(extra or {}))
+        self.writer.write_summary(self.summary)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _check_finite(self, pending, keys):
+        host = jax.device_get([m for _, m in pending])
+        for (step, _), metrics in zip(pending, host):
+            for name, value in metrics.items():
+                if keys is not None and name not in keys:
+                    continue
+                arr = np.asarray(value)
+                if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                    last = self.checkpointer.latest_step()
+                    raise FloatingPointError(
+                        f"{self.stage}: non-finite {name}={arr.tolist()} at step {step}; stopped "
+                        f"without saving this state (last good checkpoint: "
+                        f"{'none' if last is None else f'step {last}'} in "
+                        f"{self.checkpointer.directory})")
+        return [(step, m) for (step, _), m in zip(pending, host)]
+
+    def fit(self, state, step_fn: Callable, train_iter: Iterator, num_steps: int | None = None,
+            eval_fn: Callable[[Any], Mapping] | None = None,
+            on_eval: Callable[[int, Mapping], None] | None = None, jit: bool = True,
+            final_params: Callable[[Any], Any] | None = None,
+            finite_metrics: tuple[str, ...] | None = ("loss", "grad_norm"),
+            restore_iterator: bool = True):
+        """Run `step_fn` from `state.step` to `num_steps` (default config.train.steps).
+
+        Step s (1-based, = state.step after it) uses the key `fold_in(self.train_rng, s)` and the next
+        batch of `train_iter` (host-local numpy, made global over the mesh). `jit=False` runs a
+        Python step as is (e.g. PPO's composite of jitted pieces). Metrics of every `log_every`-th
+        step go to metrics.jsonl / TensorBoard; `eval_fn(state) -> dict` runs every `eval_every`
+        steps and at the end (logged as `eval/<name>`, then `on_eval(step, metrics)`);
+        checkpoints every `ckpt_every` steps and at the end, with the iterator state and
+        `self.metadata`. A non-finite metric in `finite_metrics` (None = all) raises
+        FloatingPointError and saves nothing. SIGTERM checkpoints and exits with status 0. At the
+        end `final_params(state)` (default `state.params`) is written to `workdir/final` and
+        `summary.json` is written. Returns the final state.
+        """
+        from tqdm import tqdm
+
+        cfg = self.config.train
+        num_steps = cfg.steps if num_steps is None else int(num_steps)
+        step_impl = self.jit_step(step_fn) if jit else step_fn
+        if restore_iterator and self.restored_data_state and hasattr(train_iter, "set_state"):
+            train_iter.set_state(self.restored_data_state)
+        start = int(jax.device_get(state.step))
+        pending: list = []
+        last_metrics: dict = {}
+        eval_metrics: dict = {}
+        eval_step_done = None
+        t_last, steps_since = time.perf_counter(), 0
+
+        def due(every, step):
+            return every > 0 and step % every == 0
+
+        def run_eval(step):
+            nonlocal eval_metrics, eval_step_done
+            eval_metrics = {k: float(v) for k, v in to_python(dict(eval_fn(state))).items()
+                            if isinstance(v, (int, float)) or np.ndim(v) == 0}
+            self.writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            eval_step_done = step
+            if on_eval is not None:
+                on_eval(step, eval_metrics)
+
+        bar = tqdm(total=num_steps, initial=start, desc=self.stage, disable=not self.is_main,
+                   dynamic_ncols=True, smoothing=0.1)
+        try:
+            # No jax.set_mesh here: shardings are explicit NamedShardings, and an ambient mesh
+            # would make Flax turn logical `out_sharding` names into mesh axes inside eval_shape.
+            with _Preemption() as preempt:
+                for step in range(start + 1, num_steps + 1):
+                    try:
+                        batch = next(train_iter)
+                    except StopIteration:
+                        raise RuntimeError(f"{self.stage}: the training iterator ran out before "
+                                           f"step {step} of {num_steps}") from None
+                    rng = jax.random.fold_in(self.train_rng, step)
+                    state, metrics = step_impl(state, self.to_global(batch), rng)
+                    pending.append((step, metrics))
+                    steps_since += 1
+                    bar.update(1)
+                    stop = preempt.reached(step)
+                    log_now = due(cfg.log_every, step) or step == num_steps
+                    ckpt_now = due(cfg.ckpt_every, step) or step == num_steps or stop
+                    eval_now = eval_fn is not None and (due(cfg.eval_every, step)
+                                                        or step == num_steps)
+                    if log_now or ckpt_now or eval_now:
+                        checked = self._check_finite(pending, finite_metrics)
+                        pending = []
+                        last_metrics = dict(to_python(checked[-1][1]))
+                        if log_now:
+                            now = time.perf_counter()
+                            last_metrics["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
+                            t_last, steps_since = now, 0
+                            self.writer.write(step, last_metrics)
+                            if "loss" in last_metrics:
+                                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}")
+                    if eval_now:
+                        run_eval(step)
+                    if ckpt_now:
+                        self.save(step, state, train_iter)
+                    if stop:
+                        self.checkpointer.wait()
+                        self.writer.flush()
+                        log.warning("%s: preempted; checkpoint at step %d saved, exiting",
+                                    self.stage, step)
+                        bar.close()
+                        self.close()
+                        raise SystemExit(0)
+                final_step = int(jax.device_get(state.step))
+                if eval_fn is not None and eval_step_done != final_step:
+                    run_eval(final_step)  # resumed after the last step: evaluate anyway
+                self.save(final_step, state, train_iter)
+                self.checkpointer.wait()
+                if not checkpoint.stage_is_complete(self.workdir):
+                    params = state.params if final_params is None else final_params(state)
+                    checkpoint.save_final(self.workdir, params, self.metadata, final_step)
+        except Exception:
+            self.checkpointer.wait()  # let the last good checkpoint finish writing
+            raise
+        finally:
+            bar.close()
+        self.summary.update({"stage": self.stage, "step": final_step,
+                             "final": {k: v for k, v in last_metrics.items()},
+                             "eval": eval_metrics})
+        self.writer.write_summary(self.summary)
+        self.writer.flush()
+        return state
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.writer.close()
