@@ -1,0 +1,146 @@
+"""Two-step smoke runs of each shipped RM config, through the real flag parsing.
+
+rm_sim: from a (tiny, random) SFT checkpoint of the simulated world. rm_hh: from a tiny random
+GPT-2 saved in the Hugging Face format with a GPT-2-style tokenizer (no pad token, so
+pad == EOS), on the HH-RLHF fixture files.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import checkpoint, config_utils, models, rm
+from rlhf_jax.data import tokenize
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+
+
+def _check_final(workdir, summary):
+    params, meta = checkpoint.load_stage_params(workdir)
+    assert "score_head" in params and "lm_head" not in params
+    norm = meta["reward_norm"]
+    assert norm == summary["reward_norm"] and norm["method"] == "reference"
+    assert np.isfinite(norm["gain"]) and norm["gain"] > 0
+    cfg = models.ModelConfig.from_dict(meta["model_config"])
+    return cfg, params, meta
+
+
+def test_rm_sim_smoke(tmp_path):
+    from rlhf_jax.sim.tokenizer import world_tokenizer
+
+    tok, tok_dir = world_tokenizer(0)
+    cfg = models.ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                             max_len=64)
+    sft = tmp_path / "sft"
+    sft_params = jax.device_get(models.init_params(cfg, jax.random.key(0), ("lm",)))
+    checkpoint.save_final(sft, sft_params, {"model_config": cfg.to_dict(),
+                                            "tokenizer_dir": str(tok_dir)}, 0)
+    config = config_utils.parse_config_argv([
+        "rm", f"--config={ROOT / 'configs' / 'rm_sim.py'}:smoke",
+        f"--config.workdir={tmp_path / 'rm'}", f"--config.init_from={sft}"])
+    summary = rm.run(config)
+    assert summary["step"] == 2
+    assert 0.0 <= summary["held_out_accuracy"] <= 1.0
+    # The ceiling is computed on the same held-out labels from the stored gold scores.
+    assert 0.5 < summary["gold_ceiling_accuracy"] <= 1.0
+    assert summary["held_out_pairs"] == 32 * 6  # 32 held-out rankings of K = 4
+    assert {"0:unbiased", "5:noisy"} <= set(summary["per_annotator"])
+    assert sum(v["pairs"] for v in summary["per_annotator"].values()) == summary["held_out_pairs"]
+    assert sum(b["pairs"] for b in summary["calibration"]) == summary["held_out_pairs"]
+    assert set(summary["judge_agreement"]["world_pairs"]) == {"vader", "vader_trap"}
+    assert set(summary["judge_agreement"]["policy_pairs"]) == {"vader", "vader_trap"}
+    on_disk = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert on_disk["held_out_accuracy"] == summary["held_out_accuracy"]
+
+    rm_cfg, params, meta = _check_final(tmp_path / "rm", summary)
+    # The trunk came from the SFT checkpoint (two small steps away from it), the head is new.
+    emb0, emb1 = sft_params["embed"]["embedding"], params["embed"]["embedding"]
+    assert np.abs(emb1 - emb0).max() < 0.05 and np.abs(emb1 - emb0).max() > 0
+    # The stored normalisation is what score_sequences applies.
+    pad_id, _ = tokenize.special_ids(tok)
+    batch, _ = tokenize.encode_sft(tok, ["the movie was"], [" very good ."], 16)
+    raw = rm.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"])
+    normed = rm.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
+    np.testing.assert_allclose(np.asarray(normed),
+                               np.asarray(raw) * meta["reward_norm"]["gain"] + meta["reward_norm"]["bias"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def _tiny_gpt2(path: Path):
+    """A random 1-layer GPT-2 and a byte-level BPE tokenizer (EOS, no pad) trained on fixtures."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [line for f in ("hh_rlhf.jsonl", "hh_rlhf_bad.jsonl") for line in (FIX / f).read_text().splitlines()]
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+    fast.save_pretrained(str(path))
+    torch.manual_seed(0)
+    eos = fast.eos_token_id
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(fast), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+        bos_token_id=eos, eos_token_id=eos))
+    model.save_pretrained(str(path))
+    return fast
+
+
+def test_rm_hh_smoke(tmp_path):
+    hf_dir = tmp_path / "gpt2"
+    fast = _tiny_gpt2(hf_dir)
+    assert fast.pad_token_id is None  # GPT-2 style: the stage pads with EOS, masks tell them apart
+    config = config_utils.parse_config_argv([
+        "rm", f"--config={ROOT / 'configs' / 'rm_hh.py'}:smoke",
+        f"--config.workdir={tmp_path / 'rm'}", f"--config.init_from=hf:{hf_dir}",
+        f"--config.data.source.train=('{FIX / 'hh_rlhf.jsonl'}',)",
+        f"--config.data.source.eval=('{FIX / 'hh_rlhf_bad.jsonl'}',)",
+        "--config.data.source.skip_bad_rows=True",
+        f"--config.data.source.data_dir={tmp_path / 'tfds'}",
+        "--config.data.max_len=40",
+    ])
+    summary = rm.run(config)
+    assert summary["step"] == 2
+    data = summary["data"]
+    assert data["train"]["identical"] == 1 and data["train"]["kept"] == 8
+    assert data["eval"]["bad"] == 3 and data["eval"]["kept"] == 2
+    assert any("hh_rlhf_bad.jsonl:2" in m for m in data["eval"]["bad_examples"])
+    # The multi-turn birthday dialogue does not fit 40 tokens: its prompt was cut from the left.
+    assert data["train"]["prompt_truncated"] >= 1
+    assert summary["held_out_pairs"] == 2 and summary["gold_ceiling_accuracy"] is None
+    _check_final(tmp_path / "rm", summary)
+
+
+def test_rm_hh_malformed_file_stops_with_file_and_line(tmp_path):
+    from rlhf_jax.data.preference_formats import PreferenceDataError
+
+    hf_dir = tmp_path / "gpt2"
+    _tiny_gpt2(hf_dir)
+    config = config_utils.parse_config_argv([
+        "rm", f"--config={ROOT / 'configs' / 'rm_hh.py'}:smoke",
+        f"--config.workdir={tmp_path / 'rm'}", f"--config.init_from=hf:{hf_dir}",
+        f"--config.data.source.train=('{FIX / 'hh_rlhf_bad.jsonl'}',)",
+        f"--config.data.source.eval=('{FIX / 'hh_rlhf.jsonl'}',)",
+        f"--config.data.source.data_dir={tmp_path / 'tfds'}",
+    ])
+    with pytest.raises(PreferenceDataError, match=r"hh_rlhf_bad\.jsonl:2: missing field 'rejected'"):
+        rm.run(config)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    config = config_utils.parse_config_argv([
+        "rm", f"--config={ROOT / 'configs' / 'rm_sim.py'}:smoke", "--config.loss.kind=hinge"])
+    with pytest.raises(ValueError, match="config.loss.kind='hinge'"):
+        rm.run(config)
+    with pytest.raises(ValueError, match="no field .kindd."):
+        config_utils.parse_config_argv([
+            "rm", f"--config={ROOT / 'configs' / 'rm_sim.py'}:smoke", "--config.loss.kindd=kwise"])
