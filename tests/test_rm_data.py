@@ -1,5 +1,5 @@
 """Real preference formats: each fixture (written in the published format) parses to the expected
-prompt / chosen / rejected; malformed rows name file:line; drops and truncation are counted."""
+prompt / chosen / rejected; malformed rows name file:line; dropped rows are counted."""
 
 import gzip
 import json
@@ -138,16 +138,6 @@ def test_format_errors_name_the_problem(tmp_path, fmt, row, needle):
     with pytest.raises(pf.PreferenceDataError) as e:
         pf.parse_file(str(f), fmt)
     assert f"data.jsonl:2: " in str(e.value) and needle in str(e.value)
-
-
-def test_truncate_left_keeps_response_and_prompt_end():
-    ids, cut = pf.truncate_left([1, 2, 3, 4, 5], [6, 7, 8], max_len=5)
-    assert cut and ids == [4, 5, 6, 7, 8]
-    ids, cut = pf.truncate_left([1, 2], [3], max_len=5)
-    assert not cut and ids == [1, 2, 3]
-    # A response longer than the budget keeps one prompt token and its own head.
-    ids, cut = pf.truncate_left([1, 2, 3], [4, 5, 6, 7, 8, 9], max_len=4)
-    assert cut and ids == [3, 4, 5, 6]
 
 
 def test_tfds_builder_roundtrip(tmp_path):

@@ -29,8 +29,9 @@ Formats (`FORMATS`):
 Bad rows raise `PreferenceDataError` naming `file:line` and the reason, unless
 `skip_bad_rows=True`, which skips and counts them (`ParseStats.bad`, first messages kept in
 `ParseStats.bad_examples`). Rows whose responses are all identical carry no preference: they
-are dropped and counted (`ParseStats.identical`) either way. Truncation of over-long examples
-happens at tokenization (`truncate_left`), where the length is known.
+are dropped and counted (`ParseStats.identical`) either way. Over-long examples are cut at
+tokenization, where the length is known: `rlhf_jax.data.tokenize.encode_comparisons` drops prompt
+tokens from the left and counts it (the RM stage reports the count in summary.json).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import numpy as np
 __all__ = [
     "FORMATS", "ParseStats", "PreferenceDataError", "PreferenceBuilder", "build_preference_dataset",
     "parse_file", "parse_files", "parse_hh_dialogue", "render_messages", "records_from_source",
-    "truncate_left",
 ]
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -299,26 +299,6 @@ def parse_files(paths: Sequence[str], fmt: str, *, skip_bad_rows: bool = False,
         records += r
         stats = stats.merge(s)
     return records, stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization-time truncation.
-
-
-def truncate_left(prompt_ids: Sequence[int], response_ids: Sequence[int], max_len: int,
-                  min_prompt_tokens: int = 1) -> tuple[list[int], bool]:
-    """Keep the whole response and the *end* of the prompt within `max_len` tokens.
-
-    The end of a prompt (the latest turn and the reply cue) matters most to the reward, so
-    over-long examples lose their oldest prompt tokens. If the response alone does not leave
-    room for `min_prompt_tokens`, its tail is cut too. Returns (ids, truncated?).
-    """
-    prompt_ids, response_ids = list(prompt_ids), list(response_ids)
-    if len(prompt_ids) + len(response_ids) <= max_len:
-        return prompt_ids + response_ids, False
-    keep_response = min(len(response_ids), max(max_len - min(min_prompt_tokens, len(prompt_ids)), 0))
-    keep_prompt = max_len - keep_response
-    return prompt_ids[len(prompt_ids) - keep_prompt:] + response_ids[:keep_response], True
 
 
 # ---------------------------------------------------------------------------------------------
