@@ -27,7 +27,7 @@ _normal = nnx.initializers.normal
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
     # Logical names only; rlhf_jax.sharding maps them to mesh axes.
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 class _Group(nnx.Module):

@@ -1,0 +1,27 @@
+"""SFT on the simulated world's demonstrations, from the world's pretrained base model.
+
+    python -m rlhf_jax.sft --config=configs/sft_sim.py
+    python -m rlhf_jax.sft --config=configs/sft_sim.py:model=sim-1.6m,steps=600
+    python -m rlhf_jax.sft --config=configs/sft_sim.py:smoke      # two steps, for tests
+
+Preset keys: model (a base-model preset, see rlhf_jax.models.PRESETS), steps, smoke.
+"""
+
+from rlhf_jax import config_utils
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    preset = config_utils.parse_preset(arg)
+    config_utils.check_preset_keys(preset, ("model", "steps", "smoke", "preset"), __file__)
+    smoke = bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+    model = preset.get("model", "sim-0.4m")
+
+    c = common.lm_stage_config(objective="sft", model=model, smoke=smoke)
+    c.workdir = "runs/sft_sim"
+    # The world's pretrained base model of this size (trained once, then cached); the smoke
+    # preset starts from scratch so a test never pretrains.
+    c.init_from = "" if smoke else f"zoo:{model}"
+    c.train.steps = int(preset.get("steps", 2 if smoke else 400))
+    c.lock()
+    return c

@@ -1,0 +1,222 @@
+"""Supervised fine-tuning (and base-model pretraining): next-token loss on target tokens only.
+
+InstructGPT step 1 (Ouyang et al. 2022): the policy learns from demonstrations with the prompt
+masked out of the loss. Pretraining the simulated world's base model is the same loss with every
+token a target, so both run through this module:
+
+    python -m rlhf_jax.sft --config=configs/sft_sim.py
+    python -m rlhf_jax.sft --config=configs/pretrain_sim.py
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import models
+
+
+def token_logprobs(cfg: models.ModelConfig, params, tokens, mask, *, positions=None,
+                   segment_ids=None, temperature: float = 1.0):
+    """log p(tokens[t] | tokens[<t]) for t >= 1, shape [B, T-1], plus the logits' entropy.
+
+    Row t of the result scores token t+1 (the standard target shift). Callers weight it with
+    `loss_mask[:, 1:]`, so the first response token — predicted from the last prompt token —
+    is trained (pitfall 13 in DESIGN.md).
+    """
+    if positions is None:
+        positions = models.positions_from_mask(mask)
+    out = models.forward(cfg, params, tokens, positions, mask, segment_ids=segment_ids)
+    logits = out["logits"][:, :-1] / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    targets = tokens[:, 1:]
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+def lm_loss_sums(cfg: models.ModelConfig, params, batch) -> tuple[jax.Array, dict]:
+    """Token-weighted cross-entropy as (sum, {"count", ...}) so accumulation and padding are exact."""
+    logp, _ = token_logprobs(
+        cfg, params, batch["tokens"], batch["mask"],
+        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+    )
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    nll = -jnp.sum(logp * weights)
+    count = jnp.sum(weights)
+    return nll, {"count": count, "loss": nll}
+
+
+# ----------------------------------------------------------------------------------- the stage
+
+
+def resolve_init(init_from: str, *, model_cfg_fallback=None, heads=("lm",)):
+    """Where a stage's starting params come from → (ModelConfig, host params or None, metadata).
+
+    "" : fresh params of `model_cfg_fallback` (returns params None: the trainer inits sharded);
+    "zoo:<preset>": the simulated world's pretrained base model of that preset (trained once,
+    then cached); "hf:<dir>": a local Hugging Face checkpoint; anything else: the work dir of a
+    finished stage (its `final/` params and metadata).
+    """
+    from rlhf_jax import checkpoint
+    from rlhf_jax.models import hf
+
+    if not init_from:
+        if model_cfg_fallback is None:
+            raise ValueError("config.init_from is empty and no model config was given")
+        return model_cfg_fallback, None, {}
+    if init_from.startswith("zoo:"):
+        from rlhf_jax.sim import zoo
+
+        init_from = str(zoo.base_model(init_from[4:]))
+    if init_from.startswith("hf:"):
+        path = init_from[3:]
+        cfg, params = hf.load_hf(path, dtype="float32")
+        params = jax.device_get(params)
+        return cfg, params, {"tokenizer_dir": path, "model_config": cfg.to_dict()}
+    params, meta = checkpoint.load_stage_params(init_from)
+    if "model_config" not in meta:
+        raise ValueError(f"init_from={init_from!r}: its metadata has no model_config")
+    return models.ModelConfig.from_dict(meta["model_config"]), params, meta
+
+
+def _tokenizer_for(config, meta):
+    from transformers import AutoTokenizer
+
+    if config.tokenizer:
+        return AutoTokenizer.from_pretrained(config.tokenizer), str(config.tokenizer)
+    if meta.get("tokenizer_dir"):
+        return AutoTokenizer.from_pretrained(meta["tokenizer_dir"]), meta["tokenizer_dir"]
+    if config.data.source.kind != "sim":
+        raise ValueError("config.tokenizer is empty and init_from gives none: set "
+                         "--config.tokenizer=<a Hugging Face tokenizer directory>")
+    from rlhf_jax.sim.tokenizer import world_tokenizer
+
+    tok, path = world_tokenizer(int(config.data.source.seed))
+    return tok, str(path)
+
+
+def _encode(config, tokenizer, split):
+    from rlhf_jax.data import builders, tokenize
+
+    d = config.data
+    if config.objective == "pretrain":
+        texts, load_stats = builders.load_pretrain_texts(d.source, split)
+        batch, stats = tokenize.encode_lm(tokenizer, texts, d.max_len, pack=d.pack)
+        return batch, {**load_stats, **stats}, None
+    prompts, completions, load_stats = builders.load_sft_texts(d.source, split)
+    batch, stats = tokenize.encode_sft(tokenizer, prompts, completions, d.max_len, pack=d.pack)
+    return batch, {**load_stats, **stats}, prompts
+
+
+def run(config) -> dict:
+    """(config, init checkpoint, data) → `workdir/final` params + metrics + summary.json."""
+    import logging
+
+    import numpy as np
+
+    from rlhf_jax import trainer as trainer_lib
+    from rlhf_jax.data.iterators import ArrayIterator
+    from rlhf_jax.evaluation import judge, sample_table, sample_texts
+    from rlhf_jax.sim.judges import get_judge
+
+    if config.objective not in ("sft", "pretrain"):
+        raise ValueError(f"config.objective={config.objective!r} must be 'sft' or 'pretrain'")
+    fallback = None
+    if not config.init_from:
+        fallback = models.preset(config.model.preset)
+    cfg, init_params, meta = resolve_init(config.init_from, model_cfg_fallback=fallback)
+    tokenizer, tok_dir = _tokenizer_for(config, meta)
+    if init_params is None:
+        cfg = cfg.replace(vocab_size=len(tokenizer))
+    cfg = cfg.replace(dropout=float(config.model.dropout), remat=config.model.remat,
+                      scan_layers=bool(config.model.scan_layers))
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"tokenizer at {tok_dir} has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {cfg.vocab_size}")
+
+    train_batch, train_stats, _ = _encode(config, tokenizer, "train")
+    eval_batch, eval_stats, eval_prompts = _encode(config, tokenizer, "eval")
+    logging.info("%s data: train %s, eval %s", config.objective, train_stats, eval_stats)
+
+    tr = trainer_lib.Trainer(config, config.objective)
+    tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir,
+                       data_stats={"train": train_stats, "eval": eval_stats})
+    optimizer = trainer_lib.make_optimizer(config.optim, config.train.steps)
+    axes = models.param_axes(cfg, ("lm",))
+    if init_params is None:
+        init = lambda: models.init_params(cfg, jax.random.key(config.seed), ("lm",))  # noqa: E731
+    else:
+        # Keep the trunk and LM head; a scalar head from an RM checkpoint is not an LM's.
+        init = {k: v for k, v in init_params.items() if k != "score_head"}
+    state, _ = tr.create_state(init, axes, optimizer)
+
+    def loss_fn(params, batch, rng):
+        del rng  # dropout is off by default; with dropout > 0 it would take this key
+        return lm_loss_sums(cfg, params, batch)
+
+    step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
+    eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn))
+    train_iter = ArrayIterator(train_batch, config.train.batch_size, seed=config.seed)
+
+    ev = config.eval
+    gold_judge = get_judge(ev.judge) if ev.judge else None
+    if eval_prompts is None and config.data.source.kind == "sim":
+        # Pretraining has no demonstrations; the base model is judged on the RL prompts.
+        from rlhf_jax.data import builders
+
+        eval_prompts, _ = builders.load_prompts(config.data.source, "eval")
+
+    def eval_fn(st):
+        # Fixed-shape batches (one compile); the held-out set is the same every eval.
+        it = ArrayIterator(eval_batch, config.train.batch_size, seed=0, shuffle=False)
+        n = min(config.train.eval_batches, it.batches_per_epoch)
+        m = tr.evaluate(eval_step, st.params, it, num_batches=n)
+        m["perplexity"] = float(np.exp(m["loss"]))
+        if eval_prompts and ev.num_prompts > 0:
+            m.update(_sample_metrics(st.params, int(st.step)))
+        return m
+
+    def _sample_metrics(params, step_num):
+        prompts = eval_prompts[: ev.num_prompts]
+        samples = sample_texts(cfg, params, tokenizer, prompts, jax.random.fold_in(tr.eval_rng, 7),
+                               max_prompt_len=ev.max_prompt_len, max_new_tokens=ev.max_new_tokens,
+                               temperature=ev.temperature, batch_size=ev.batch_size)
+        out = {"eos_rate": float(np.mean(samples["ended"])),
+               "response_length": float(np.mean(samples["lengths"]))}
+        cols = {}
+        if gold_judge is not None:
+            j = judge(gold_judge, prompts, samples)
+            out["gold_mean"] = j["gold_mean"]
+            cols["gold"] = j["_gold"]
+        table = sample_table(prompts, samples["responses"], n=ev.log_samples, **cols)
+        if tr.is_main:
+            with open(tr.workdir / "samples.md", "a") as f:
+                f.write(f"\n## step {step_num}\n\n{table}\n")
+        return out
+
+    tr.fit(state, step, train_iter, eval_fn=eval_fn)
+    final_eval = tr.summary.get("eval", {})
+    # The numbers the next stages are compared against, at the top level of summary.json.
+    tr.write_summary({k: final_eval[k] for k in ("loss", "perplexity", "gold_mean", "eos_rate",
+                                                 "response_length") if k in final_eval})
+    summary = dict(tr.summary)
+    tr.close()
+    return summary
+
+
+def main(argv):
+    import json
+
+    del argv
+    summary = run(_CONFIG.value)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from rlhf_jax import config_utils
+
+    _CONFIG = config_utils.define_config_flag()
+    app.run(main)
