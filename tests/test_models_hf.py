@@ -5,6 +5,7 @@ trips (ours and the original HF file), sharded checkpoints, score-head side file
 a mesh, dtype handling, and errors that name the tensor / field and the file.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -201,8 +202,7 @@ def test_sharded_checkpoint_score_head_and_mesh_placement(hf_dirs, tmp_path):
 def test_dtypes_and_tokenizer_copy(hf_dirs, tmp_path):
     path, model = hf_dirs["qwen2"]
     bf_dir = str(tmp_path / "bf16")
-    model.to(torch.bfloat16).save_pretrained(bf_dir)
-    model.to(torch.float32)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(bf_dir)  # the fixture stays f32
     cfg, params = hf.load_hf(bf_dir)
     assert cfg.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
@@ -316,3 +316,60 @@ def test_qwen2_sliding_window_in_use_is_rejected():
     with pytest.raises(hf.HFCheckpointError, match="sliding"):
         hf.config_from_hf(dict(base, layer_types=["full_attention", "sliding_attention"],
                                use_sliding_window=True, sliding_window=4))
+
+
+# ---------------------------------------------------------------------------------- convert CLI
+
+
+def _tiny_tokenizer(path):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(20)])}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                         bos_token="<bos>", unk_token="<unk>").save_pretrained(path)
+
+
+def test_convert_cli_hf_to_orbax_to_hf(hf_dirs, tmp_path, capsys):
+    from rlhf_jax import checkpoint, convert
+
+    src, model = hf_dirs["qwen2"]
+    with_tok = str(tmp_path / "with_tok")
+    shutil.copytree(src, with_tok)
+    _tiny_tokenizer(with_tok)
+    work = str(tmp_path / "work")
+    assert convert.main(["hf-to-orbax", "--src", with_tok, "--dst", work]) == 0
+    params, meta = checkpoint.load_stage_params(work)
+    cfg, ref = hf.load_hf(src)
+    assert models.ModelConfig.from_dict(meta["model_config"]) == cfg
+    assert meta["tokenizer_dir"] == os.path.abspath(with_tok)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+    # A reward-model stage output (score head added) back to Hugging Face.
+    rm_work = str(tmp_path / "rm_work")
+    head = {"kernel": np.linspace(-1, 1, cfg.d_model).astype(np.float32), "bias": np.float32(0.5)}
+    checkpoint.save_final(rm_work, {**params, "score_head": head}, meta, step=7)
+    out = str(tmp_path / "hf_out")
+    assert convert.main(["orbax-to-hf", "--src", rm_work, "--dst", out]) == 0
+    assert "wrote" in capsys.readouterr().out
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert (written["eos_token_id"], written["pad_token_id"], written["bos_token_id"]) == (1, 0, 2)
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    tokens, mask, positions = _batch("right")
+    real = mask.astype(bool)
+    np.testing.assert_array_equal(_torch_logits(reloaded.eval(), tokens, mask, positions)[real],
+                                  _torch_logits(model, tokens, mask, positions)[real])
+    _, back = hf.load_hf(out)
+    np.testing.assert_array_equal(np.asarray(back["score_head"]["kernel"]), head["kernel"])
+
+    # bf16 export on request; a directory that is not a finished stage is a clear error.
+    out16 = str(tmp_path / "hf_bf16")
+    assert convert.main(["orbax-to-hf", "--src", work, "--dst", out16, "--dtype", "bfloat16"]) == 0
+    assert hf.load_hf(out16)[0].param_dtype == "bfloat16"
+    assert convert.main(["orbax-to-hf", "--src", str(tmp_path / "nowhere"), "--dst", out]) == 2
+    assert "no finished stage output" in capsys.readouterr().err
+    assert convert.main(["hf-to-orbax", "--src", str(tmp_path / "nowhere"), "--dst", work]) == 2
+    assert "config.json" in capsys.readouterr().err

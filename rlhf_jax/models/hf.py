@@ -414,6 +414,14 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def _has(tree: dict, path: tuple[str, ...]) -> bool:
+    try:
+        _get(tree, path)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
 def _place(arr: np.ndarray, sharding) -> jax.Array:
     if sharding is None:
         return jnp.asarray(arr)
@@ -538,8 +546,12 @@ def hf_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     for rule in _rules(cfg, prefix):
         try:
             ours = [_to_numpy(_get(params, p)) for p in rule.ours]
-        except KeyError as e:
-            raise ValueError(f"params lack {'/'.join(rule.ours[0])} ({e}) needed for export") from None
+        except KeyError:
+            missing = next(p for p in rule.ours if not _has(params, p))
+            hint = (" (a score-only model of an untied config has no LM head to export)"
+                    if missing[0] == "lm_head" else "")
+            raise ValueError(f"params lack {'/'.join(missing)}, needed for a Hugging Face "
+                             f"{_export_model_type(cfg)} checkpoint{hint}") from None
         for p, arr in zip(rule.ours, ours):
             if rule.layered and arr.shape[:1] != (cfg.n_layers,):
                 raise ValueError(f"params/{'/'.join(p)} has shape {arr.shape}; expected "
