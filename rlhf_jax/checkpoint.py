@@ -48,6 +48,36 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+# Replica-parallel saving splits each replicated shard among its replicas with one eager slice per
+# shard: a compile per distinct shape, seconds on the first save of a process, for no gain on small
+# shards. Only split shards whose per-replica slice is at least this big.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
+_array_handler_configured = False
+
+
+def _configure_array_handler() -> None:
+    global _array_handler_configured
+    if _array_handler_configured:
+        return
+    _array_handler_configured = True
+    try:
+        from orbax.checkpoint._src.metadata import array_metadata_store
+        from orbax.checkpoint import type_handlers
+
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # the override itself logs a warning
+        try:
+            type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(
+                array_metadata_store=array_metadata_store.Store(),
+                min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES),
+                override=True)
+        finally:
+            absl_log.setLevel(level)
+    except (ImportError, AttributeError, TypeError) as e:  # a speed knob only: keep defaults
+        log.info("keeping Orbax's default jax.Array handler: %s", e)
+
+
 def _registry(tree_items: tuple[str, ...], json_items: tuple[str, ...]):
     # Registering handlers up front lets a fresh manager read metadata before any restore call.
     reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -82,6 +112,7 @@ class Checkpointer:
     """Rolling checkpoints of (train state, iterator state, metadata) under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
+        _configure_array_handler()
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -167,6 +198,7 @@ def _final_dir(path: str | Path) -> Path:
 
 def save_final(workdir: str | Path, params, metadata: Mapping, step: int) -> Path:
     """Write a finished stage's params + metadata to `workdir/final` (synchronously)."""
+    _configure_array_handler()
     directory = _final_dir(workdir)
     mgr = _final_manager(directory, read_only=False)
     try:
@@ -181,16 +213,21 @@ def save_final(workdir: str | Path, params, metadata: Mapping, step: int) -> Pat
     return directory
 
 
-def stage_is_complete(path: str | Path) -> bool:
-    """True when `path` (a stage work dir) holds a finalized `final/` checkpoint."""
+def final_step(path: str | Path) -> int | None:
+    """Step of the finalized `final/` checkpoint in a stage work dir, or None."""
     directory = _final_dir(path)
     if not directory.is_dir():
-        return False
+        return None
     mgr = _final_manager(directory, read_only=True)
     try:
-        return mgr.latest_step() is not None
+        return mgr.latest_step()
     finally:
         mgr.close()
+
+
+def stage_is_complete(path: str | Path) -> bool:
+    """True when `path` (a stage work dir) holds a finalized `final/` checkpoint."""
+    return final_step(path) is not None
 
 
 def load_stage_params(path: str | Path,

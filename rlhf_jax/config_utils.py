@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -176,6 +177,7 @@ def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str 
     A bad override exits with status 2 and one line naming the field (no traceback).
     """
     from absl import app, flags
+    from absl import logging as absl_logging
 
     parsed = {}
 
@@ -188,7 +190,14 @@ def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str 
         flags.FLAGS.mark_as_parsed()  # absl logging reads FLAGS
         return argv[:1]
 
-    app.run(lambda argv: main(parsed["config"]), flags_parser=parser)
+    def run(argv):
+        del argv
+        # Orbax logs every save step at INFO through absl; keep the console to warnings.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("rlhf_jax").setLevel(logging.INFO)
+        return main(parsed["config"])
+
+    app.run(run, flags_parser=parser)
 
 
 def config_to_dict(config) -> dict:

@@ -26,16 +26,20 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import checkpoint, config_utils, sharding
-from rlhf_jax.metrics import MetricWriter, to_python
+from rlhf_jax.metrics import MetricWriter, read_metrics, to_python
 
 log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What a checkpoint holds. `extra`: small stage state that must survive a restart (e.g.
+    PPO's adaptive KL coefficient); replicated, saved and restored with the rest."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    extra: Any = flax.struct.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -287,25 +291,31 @@ class Trainer:
         return sharding.logical_to_shardings(param_axes, self.mesh, self.rules, abstract_params)
 
     def create_state(self, init: Callable[[], Any] | Any, param_axes,
-                     optimizer: optax.GradientTransformation):
+                     optimizer: optax.GradientTransformation, extra: Mapping | None = None):
         """Sharded TrainState → `(state, data_state)`.
 
         `init` is a no-argument function returning the params (run under jit, so each device
         creates only its own shards) or an already-built params tree (e.g. from
         `checkpoint.load_stage_params`). If `workdir/checkpoints` has a checkpoint, it is restored
         instead (onto this mesh, whatever mesh wrote it) and `data_state` is the iterator state
-        saved with it (`fit` applies it); otherwise `data_state` is None.
+        saved with it (`fit` applies it); otherwise `data_state` is None. `extra` (a dict of
+        arrays) becomes `state.extra`, replicated; on resume its saved values win.
         """
+        extra = jax.tree.map(jnp.asarray, dict(extra or {}))
+        abstract_extra = jax.eval_shape(lambda: extra)
+        extra_sh = jax.tree.map(lambda _: self.replicated, abstract_extra)
         abstract_params = jax.eval_shape(init) if callable(init) else jax.eval_shape(
             lambda: init)
         param_sh = self.param_shardings(param_axes, abstract_params)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
         opt_sh = opt_state_shardings(abstract_opt, abstract_params, param_sh, self.mesh)
-        state_sh = TrainState(step=self.replicated, params=param_sh, opt_state=opt_sh)
+        state_sh = TrainState(step=self.replicated, params=param_sh, opt_state=opt_sh,
+                              extra=extra_sh)
         self.state_shardings = state_sh
         if self.resume_step is not None:
             abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                                  params=abstract_params, opt_state=abstract_opt)
+                                  params=abstract_params, opt_state=abstract_opt,
+                                  extra=abstract_extra)
             state, data_state, meta = self.checkpointer.restore(
                 checkpoint.abstract_tree(abstract, state_sh), self.resume_step)
             log.info("resumed %s from %s at step %d", self.stage, self.checkpointer.directory,
@@ -316,14 +326,15 @@ class Trainer:
             def make():
                 params = init()
                 return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  opt_state=optimizer.init(params))
+                                  opt_state=optimizer.init(params), extra=extra)
 
             state = jax.jit(make, out_shardings=state_sh)()
         else:
             params = jax.device_put(init, param_sh)
             opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
             state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
-                               params=params, opt_state=opt_state)
+                               params=params, opt_state=opt_state,
+                               extra=jax.device_put(extra, extra_sh))
         return state, None
 
     # -- jit -----------------------------------------------------------------------------------
@@ -489,7 +500,9 @@ class Trainer:
                     run_eval(final_step)  # resumed after the last step: evaluate anyway
                 self.save(final_step, state, train_iter)
                 self.checkpointer.wait()
-                if not checkpoint.stage_is_complete(self.workdir):
+                # (Re)write the hand-off unless it already holds this step (a resumed finished
+                # run); a run extended to more steps replaces it.
+                if checkpoint.final_step(self.workdir) != final_step:
                     params = state.params if final_params is None else final_params(state)
                     checkpoint.save_final(self.workdir, params, self.metadata, final_step)
         except Exception:
@@ -497,6 +510,10 @@ class Trainer:
             raise
         finally:
             bar.close()
+        if not last_metrics and self.is_main:  # resumed a finished run: keep its last numbers
+            train_records = [r for r in read_metrics(self.workdir)
+                             if not any(k.startswith("eval/") for k in r)]
+            last_metrics = {k: v for k, v in (train_records or [{}])[-1].items() if k != "step"}
         self.summary.update({"stage": self.stage, "step": final_step,
                              "final": {k: v for k, v in last_metrics.items()},
                              "eval": eval_metrics})

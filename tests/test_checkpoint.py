@@ -26,10 +26,10 @@ def _config(workdir, data, fsdp):
     return c
 
 
-def _trained_state(trainer, steps=2):
+def _trained_state(trainer, beta=0.5):
     optimizer = tr.make_optimizer(trainer.config.optim, 10)
     state, data_state = trainer.create_state(lambda: _toy.init_params(jax.random.key(3)),
-                                             _toy.param_axes(), optimizer)
+                                             _toy.param_axes(), optimizer, extra={"beta": beta})
     return state, data_state, optimizer
 
 
@@ -49,6 +49,7 @@ def test_save_on_2x4_restore_on_4x2_and_on_one_device(tmp_path):
     batch = t1.to_global({k: v[:16] for k, v in _toy.make_data().items()})
     for i in range(2):  # non-trivial Adam moments
         state, _ = step(state, batch, jax.random.key(i))
+    state = state.replace(extra={"beta": state.extra["beta"] * 3})  # e.g. an adapted KL coef
     assert state.params["up"]["kernel"].sharding.spec == P("fsdp")  # mlp→tensor is size 1
     assert state.opt_state[1].mu["up"]["kernel"].sharding.spec == P("fsdp")
     t1.metadata["norm"] = {"gain": 2.0}
@@ -59,8 +60,9 @@ def test_save_on_2x4_restore_on_4x2_and_on_one_device(tmp_path):
     # Same work dir, a 4×2 mesh: create_state resumes instead of initialising.
     t2 = tr.Trainer(_config(tmp_path, 4, 2), "toy")
     assert t2.resume_step == 2
-    restored, data_state, _ = _trained_state(t2)
+    restored, data_state, _ = _trained_state(t2, beta=0.0)
     assert data_state == {}
+    assert float(restored.extra["beta"]) == 1.5  # the saved value wins over the initial one
     _assert_trees_equal(saved, restored)
     w = restored.opt_state[1].nu["up"]["kernel"]
     assert dict(w.sharding.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
@@ -75,7 +77,8 @@ def test_save_on_2x4_restore_on_4x2_and_on_one_device(tmp_path):
     abstract = jax.eval_shape(lambda: saved)
     p_sh = sharding.logical_to_shardings(_toy.param_axes(), mesh1, None, abstract.params)
     o_sh = tr.opt_state_shardings(abstract.opt_state, abstract.params, p_sh, mesh1)
-    sh = tr.TrainState(step=sharding.replicated(mesh1), params=p_sh, opt_state=o_sh)
+    sh = tr.TrainState(step=sharding.replicated(mesh1), params=p_sh, opt_state=o_sh,
+                       extra={"beta": sharding.replicated(mesh1)})
     ckpt = checkpoint.Checkpointer(tmp_path)
     one, _, _ = ckpt.restore(checkpoint.abstract_tree(abstract, sh))
     ckpt.close()

@@ -26,28 +26,31 @@ def test_two_processes_match_one_process_on_eight_devices(tmp_path):
     multi = tmp_path / "multi"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
+    logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen(
         [sys.executable, "tests/_toy.py", f"--config=tests/_toy.py:steps={STEPS}",
          f"--config.workdir={multi}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
          "--config.mesh.data=4", "--config.mesh.fsdp=2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
+        # Meanwhile, the same run in this process on 8 local devices.
+        single = tmp_path / "single"
+        c = copy.deepcopy(_toy.get_config(f"steps={STEPS}"))
+        with c.unlocked():
+            c.workdir = str(single)
+            c.mesh.update(dict(data=4, fsdp=2))
+        _toy.run(c)
+        for p in procs:
+            p.wait(timeout=300)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
-
-    # The same run in this process, on 8 local devices.
-    single = tmp_path / "single"
-    c = copy.deepcopy(_toy.get_config(f"steps={STEPS}"))
-    with c.unlocked():
-        c.workdir = str(single)
-        c.mesh.update(dict(data=4, fsdp=2))
-    _toy.run(c)
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        log.seek(0)
+        assert p.returncode == 0, f"process {i}:\n{log.read()[-3000:]}"
+        log.close()
 
     got, want = metrics.read_metrics(multi), metrics.read_metrics(single)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 4]

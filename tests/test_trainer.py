@@ -238,7 +238,7 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_python_step_without_jit_and_summary_extras(tmp_path):
+def test_python_step_without_jit_summary_and_extending_a_finished_run(tmp_path):
     c = _config(tmp_path, steps=3, ckpt_every=0, eval_every=0)
     trainer = tr.Trainer(c, "toy")
     opt = tr.make_optimizer(c.optim, 3)
@@ -251,15 +251,37 @@ def test_python_step_without_jit_and_summary_extras(tmp_path):
         st, m = jitted(st, batch, rng)
         return st, {**m, "host_metric": 1.5 * len(calls)}
 
-    it = ArrayIterator({k: v[:48] for k, v in _toy.make_data().items()}, 16, seed=0)
-    state = trainer.fit(state, composite, it, jit=False, final_params=lambda s: {
-        "policy": s.params})
+    def fit(steps):
+        t = tr.Trainer(_config(tmp_path, steps=steps, ckpt_every=0, eval_every=0), "toy")
+        st, _ = t.create_state(_toy.init_params(jax.random.key(0)), _toy.param_axes(), opt)
+        it = ArrayIterator({k: v[:48] for k, v in _toy.make_data().items()}, 16, seed=0)
+        st = t.fit(st, composite, it, jit=False, final_params=lambda s: {"policy": s.params})
+        return t, st
+
+    trainer.close()
+    trainer, state = fit(3)
     trainer.write_summary({"win_rate": 0.75})
     trainer.close()
     assert calls == [0, 1, 2]
     assert [r["host_metric"] for r in _train_records(tmp_path)] == [1.5, 3.0, 4.5]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["win_rate"] == 0.75 and summary["final"]["host_metric"] == 4.5
+    final, meta = checkpoint.load_stage_params(tmp_path)
+    assert meta["step"] == 3
+    for a, b in zip(jax.tree.leaves(final["policy"]), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+    # Rerunning the finished stage trains nothing and keeps its numbers.
+    trainer, _ = fit(3)
+    trainer.close()
+    assert calls == [0, 1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["final"]["host_metric"] == 4.5
+    # Asking for more steps continues from the checkpoint and replaces the hand-off.
+    trainer, state = fit(4)
+    trainer.close()
+    assert calls == [0, 1, 2, 3]
+    assert checkpoint.final_step(tmp_path) == 4
     final, _ = checkpoint.load_stage_params(tmp_path)
     for a, b in zip(jax.tree.leaves(final["policy"]), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
