@@ -5,6 +5,7 @@ Gold judges only ever see text here — they measure, they never feed a reward.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -79,3 +80,34 @@ def sample_table(prompts: Sequence[str], responses: Sequence[str], n: int = 8, *
         vals = " | ".join(f"{float(columns[k][i]):+.3f}" for k in names)
         lines.append(f"| {prompts[i]} | {responses[i]} | {vals} |")
     return "\n".join(lines)
+
+
+def sequence_kl(cfg: models.ModelConfig, params, ref_params, seq_tokens, seq_mask,
+                prompt_len: int, temperature: float = 1.0, batch_size: int = 128) -> np.ndarray:
+    """Per-sample k1 estimate of KL(π || π_ref) over the response: Σ_t log π − log π_ref.
+
+    Unbiased when the samples come from π. Both log-probs use logits / temperature, the
+    distribution the samples were drawn from (and the one PPO's KL penalty uses).
+    """
+    seq_tokens, seq_mask = np.asarray(seq_tokens), np.asarray(seq_mask)
+    n = seq_tokens.shape[0]
+    out = np.zeros((n,), np.float64)
+    for s in range(0, n, batch_size):
+        t, m = seq_tokens[s:s + batch_size], seq_mask[s:s + batch_size]
+        k = t.shape[0]
+        if k < batch_size and n > batch_size:  # keep one compiled shape
+            t = np.concatenate([t, np.repeat(t[-1:], batch_size - k, 0)])
+            m = np.concatenate([m, np.repeat(m[-1:], batch_size - k, 0)])
+        out[s:s + k] = np.asarray(_kl_jit(cfg, params, ref_params, t, m, prompt_len, temperature))[:k]
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _kl_jit(cfg, params, ref_params, tokens, mask, prompt_len, temperature):
+    from rlhf_jax import sft
+
+    lp, _ = sft.token_logprobs(cfg, params, tokens, mask, temperature=temperature)
+    lr, _ = sft.token_logprobs(cfg, ref_params, tokens, mask, temperature=temperature)
+    # Row t-1 of the log-probs scores token t: response tokens are t >= prompt_len.
+    w = mask[:, 1:].astype(lp.dtype) * (jax.numpy.arange(tokens.shape[1] - 1) >= prompt_len - 1)
+    return ((lp - lr) * w).sum(-1)

@@ -140,6 +140,12 @@ def run(config) -> dict:
     logging.info("%s data: train %s, eval %s", config.objective, train_stats, eval_stats)
 
     tr = trainer_lib.Trainer(config, config.objective)
+    # The stage's output is self-contained: its tokenizer travels with it, so a later stage
+    # never depends on a cache directory that may have been cleaned.
+    own_tok_dir = tr.workdir / "tokenizer"
+    if tr.is_main:
+        tokenizer.save_pretrained(str(own_tok_dir))
+    tok_dir = str(own_tok_dir.absolute())
     tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir,
                        data_stats={"train": train_stats, "eval": eval_stats})
     optimizer = trainer_lib.make_optimizer(config.optim, config.train.steps)

@@ -41,15 +41,20 @@ def base_model_config(preset: str, **overrides):
 
 def base_model(preset: str, **overrides) -> Path:
     """Work dir of the pretrained base model `preset` (trains it if not cached)."""
+    return ensure_pretrained(base_model_config(preset, **overrides))
+
+
+def ensure_pretrained(config) -> Path:
+    """Work dir of a finished pretraining run of `config` (a `configs/pretrain_sim.py` config)."""
     from rlhf_jax import checkpoint, sft
     from rlhf_jax.sim.world import get_world
 
-    config = base_model_config(preset, **overrides)
+    config = config.copy_and_resolve_references()
     world = get_world(int(config.data.source.seed)).fingerprint()
     key = hashlib.sha256(f"{config_key(config)}-{world}".encode()).hexdigest()[:12]
-    workdir = cache_dir() / "zoo" / f"{preset}-{key}"
+    workdir = cache_dir() / "zoo" / f"{config.model.preset}-{key}"
     if not checkpoint.stage_is_complete(workdir):
-        log.info("pretraining base model %s into %s", preset, workdir)
+        log.info("pretraining base model %s into %s", config.model.preset, workdir)
         with config.unlocked():
             config.workdir = str(workdir)
         sft.run(config)

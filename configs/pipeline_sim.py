@@ -1,0 +1,58 @@
+"""The main job: base model -> SFT -> RM -> PPO on the simulated world, then SFT vs PPO.
+
+    python -m experiments.pipeline                                  # the default (~10 min, 2 CPUs)
+    python -m experiments.pipeline --config.seed=1
+    python -m experiments.pipeline --config=configs/pipeline_sim.py:tiny   # a test-sized run
+    python -m experiments.pipeline --config.ppo.train.steps=300 --config.rm.loss.kind=pairwise
+
+Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`) and takes the same
+dotted overrides as when the stage runs alone; the pipeline sets their `workdir`, `init_from`,
+`reward_from` and `seed`. Preset keys: model, tiny.
+"""
+
+import ml_collections
+
+from rlhf_jax import config_utils
+from configs import ppo_sim, pretrain_sim, rm_sim, sft_sim
+
+
+def _unlocked(c):
+    c = c.copy_and_resolve_references()
+    c.unlock()
+    return c
+
+
+def get_config(arg: str | None = None):
+    preset = config_utils.parse_preset(arg)
+    config_utils.check_preset_keys(preset, ("model", "tiny", "preset"), __file__)
+    tiny = bool(preset.get("tiny")) or preset.get("preset") == "tiny"
+    model = preset.get("model", "sim-0.1m" if tiny else "sim-0.4m")
+
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/pipeline"
+    c.seed = 0  # seeds SFT, RM and PPO; the base model is the world's cached pretrained one
+    c.reuse = True  # reuse a stage's finished output when its config (and inputs) are unchanged
+    c.pretrain = _unlocked(pretrain_sim.get_config(f"model={model}"))
+    c.sft = _unlocked(sft_sim.get_config(f"model={model}"))
+    c.rm = _unlocked(rm_sim.get_config())
+    c.ppo = _unlocked(ppo_sim.get_config())
+    c.eval = ml_collections.ConfigDict(dict(
+        num_prompts=512,  # held-out RL prompts, one SFT and one PPO sample each
+        judge="vader",  # the gold judge of the win rate and gold scores
+        batch_size=128,
+    ))
+    # Budget for ~10 minutes on 2 CPU cores (measured; see README).
+    c.pretrain.train.steps = 500
+    c.sft.train.steps = 300
+    if tiny:
+        # A test-sized run: every stage for a handful of steps; PPO long enough to move.
+        c.pretrain.train.steps = 150
+        c.pretrain.data.source.num_train = 4000
+        c.pretrain.eval.num_prompts = 32
+        c.sft.train.steps = 60
+        c.sft.data.source.num_train = 2000
+        c.sft.eval.num_prompts = 32
+        c.sft.train.eval_every = 0
+        c.eval.num_prompts = 128
+    c.lock()
+    return c
