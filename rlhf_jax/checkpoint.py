@@ -214,15 +214,16 @@ def save_final(workdir: str | Path, params, metadata: Mapping, step: int) -> Pat
 
 
 def final_step(path: str | Path) -> int | None:
-    """Step of the finalized `final/` checkpoint in a stage work dir, or None."""
+    """Step of the finalized `final/` checkpoint in a stage work dir, or None.
+
+    A plain directory listing (no CheckpointManager, hence no cross-process barrier), so processes
+    may call it at different moments; a step counts only once Orbax has finalized it.
+    """
     directory = _final_dir(path)
     if not directory.is_dir():
         return None
-    mgr = _final_manager(directory, read_only=True)
-    try:
-        return mgr.latest_step()
-    finally:
-        mgr.close()
+    steps = ocp.utils.checkpoint_steps(directory)
+    return max(steps) if steps else None
 
 
 def stage_is_complete(path: str | Path) -> bool:

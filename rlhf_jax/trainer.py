@@ -441,11 +441,14 @@ class Trainer:
         def due(every, step):
             return every > 0 and step % every == 0
 
-        def run_eval(step):
+        def run_eval(step, write=True):
             nonlocal eval_metrics, eval_step_done
-            eval_metrics = {k: float(v) for k, v in to_python(dict(eval_fn(state))).items()
-                            if isinstance(v, (int, float)) or np.ndim(v) == 0}
-            self.writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            eval_metrics = {}
+            for k, v in dict(eval_fn(state)).items():
+                if np.ndim(v) == 0 and np.asarray(v).dtype.kind in "biuf":  # scalars only
+                    eval_metrics[k] = float(v)
+            if write:
+                self.writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             eval_step_done = step
             if on_eval is not None:
                 on_eval(step, eval_metrics)
@@ -497,7 +500,9 @@ class Trainer:
                         raise SystemExit(0)
                 final_step = int(jax.device_get(state.step))
                 if eval_fn is not None and eval_step_done != final_step:
-                    run_eval(final_step)  # resumed after the last step: evaluate anyway
+                    # A finished run resumed: evaluate again for the summary (every process
+                    # takes part in the collective eval); its record is already in the log.
+                    run_eval(final_step, write=start < num_steps)
                 self.save(final_step, state, train_iter)
                 self.checkpointer.wait()
                 # (Re)write the hand-off unless it already holds this step (a resumed finished

@@ -117,3 +117,17 @@ def test_save_config_roundtrip(tmp_path):
     c = _toy_config()
     path = config_utils.save_config(c, tmp_path)
     assert json.loads(path.read_text())["train"]["batch_size"] == c.train.batch_size
+
+
+def test_entry_point_exits_2_on_a_misspelled_override(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, TOY, f"--config={TOY}", f"--config.workdir={tmp_path / 'run'}",
+         "--config.train.batch_szie=4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert ("--config.train.batch_szie=4: config.train has no field 'batch_szie'; did you mean "
+            "'batch_size'?") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
