@@ -14,8 +14,22 @@ passes -> per-token rewards -> GAE), the PPO update (epochs x minibatches in one
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import evaluation, models, rm, sampling, sft
 
 # ----------------------------------------------------------------------------------------------
 # Masked statistics. Every mean / variance below is a token-weighted sum / count over the whole
@@ -179,8 +193,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     loss = masked_mean(jnp.maximum(loss1, loss2), mask)
     stats = {
         "clipfrac": masked_mean((loss2 > loss1).astype(jnp.float32), mask),
-        # k3 between the rollout policy and the current one: the usual "approx-KL" of PPO.
-        "approx_kl": masked_mean(jnp.expm1(-log_ratio) + log_ratio, mask),
+        # k3 estimate of KL(pi_old || pi) on the rollout's samples: (r - 1) - log r.
+        "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
         "ratio_mean": masked_mean(ratio, mask),
         "ratio_max_dev": jnp.max(jnp.abs(ratio - 1.0) * mask),
     }
@@ -202,3 +216,643 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
     """1 - Var(returns - values) / Var(returns) over the masked tokens (1 = perfect critic)."""
     var_ret = masked_var(returns, mask)
     return 1.0 - masked_var(returns - values, mask) / jnp.maximum(var_ret, 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage: static settings, model passes over rollout sequences, rollout, update.
+
+log = logging.getLogger(__name__)
+
+KL_MODES = ("reward", "loss")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+VALUE_FROM = ("rm", "policy_head")
+# Purpose tags folded into keys (DESIGN.md: derive every key with fold_in and a purpose tag).
+_SAMPLE_TAG, _SHUFFLE_TAG, _EVAL_TAG = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Static hyper-parameters and model configs of one PPO run (hashable: jitted code closes
+    over it, so changing any of them recompiles and nothing else does)."""
+
+    policy: models.ModelConfig
+    reward: models.ModelConfig
+    # Config of a separate value network (initialised from the RM), or None for a value head on
+    # the policy trunk.
+    value: models.ModelConfig | None = None
+    reward_gain: float = 1.0  # the RM checkpoint's `reward_norm`
+    reward_bias: float = 0.0
+    max_new_tokens: int = 20
+    temperature: float = 0.7
+    eos_id: int = 1
+    pad_id: int = 0
+    no_eos_score: float | None = -1.0
+    kl_mode: str = "reward"
+    kl_loss_estimator: str = "k3"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    epochs: int = 4
+    minibatches: int = 4
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    ptx_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.kl_mode not in KL_MODES:
+            raise ValueError(f"config.kl.mode={self.kl_mode!r} must be one of {KL_MODES}")
+        if self.kl_loss_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"config.kl.loss_estimator={self.kl_loss_estimator!r} must be one "
+                             f"of {KL_ESTIMATORS}")
+        if not self.temperature > 0:
+            raise ValueError(f"config.rollout.temperature={self.temperature} must be > 0: PPO "
+                             "needs the sampling distribution's log-probs (logits / T)")
+
+
+def _with_value_head(s: Settings, params: dict) -> dict:
+    """Policy params with the value head attached when the value is a head on the policy trunk,
+    so one forward pass gives both logits and values (models.forward adds `scores`)."""
+    if s.value is not None:
+        return params["policy"]
+    return {**params["policy"], "score_head": params["value"]["score_head"]}
+
+
+def policy_pass(s: Settings, params: dict, tokens: jax.Array, mask: jax.Array,
+                positions: jax.Array, prompt_len: int):
+    """Teacher-forced pass over prompt + response ([B, P + N]) -> per response token [B, N]:
+    log-probs of the sampled tokens under logits / T, entropy of that distribution, values.
+
+    Row t of the outputs is read at sequence position P - 1 + t, the position whose logits
+    predict response token t (and whose value estimates the return from token t on).
+    Log-probs use logits divided by the sampling temperature (Ziegler et al. 2019; Huang et
+    al. 2023), so they match the sampler's and the PPO ratio starts at exactly 1.
+    """
+    P = prompt_len
+    out = models.forward(s.policy, _with_value_head(s, params), tokens, positions, mask)
+    logits = out["logits"][:, P - 1:-1] / s.temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens[:, P:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    if s.value is None:
+        values = out["scores"][:, P - 1:-1]
+    else:
+        values = models.forward(s.value, params["value"], tokens, positions, mask,
+                                want_logits=False)["scores"][:, P - 1:-1]
+    return logp, entropy, values
+
+
+def reference_logprobs(s: Settings, ref_params: dict, tokens, mask, positions, prompt_len: int):
+    """log pi_ref of the response tokens, also under logits / T (Ziegler et al. 2019)."""
+    P = prompt_len
+    logits = models.forward(s.policy, ref_params, tokens, positions, mask)["logits"][:, P - 1:-1]
+    logp_all = jax.nn.log_softmax(logits / s.temperature, axis=-1)
+    return jnp.take_along_axis(logp_all, tokens[:, P:, None], axis=-1)[..., 0]
+
+
+def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
+            prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+            beta: jax.Array) -> tuple[dict, dict, dict]:
+    """Sample responses and turn them into PPO training data (one jitted program).
+
+    Returns (batch, rows, metrics): `batch` is what `update` trains on (sequences, masks,
+    rollout log-probs / values, advantages, returns), `rows` per-row results for the host
+    (response tokens, lengths, ended, RM score, sequence KL) and `metrics` batch means.
+    """
+    P = prompt_tokens.shape[1]
+    # Fixed-length sampling through the KV-cache sampler; after the first EOS everything is pad
+    # with mask 0 (the EOS trick, Huang et al. 2023).
+    out = sampling.generate(s.policy, params["policy"], prompt_tokens, prompt_mask, rng,
+                            max_new_tokens=s.max_new_tokens, eos_id=s.eos_id, pad_id=s.pad_id,
+                            temperature=s.temperature)
+    tokens, mask, positions = out.sequence_tokens, out.sequence_mask, out.sequence_positions
+    rmask = out.mask
+    m = rmask.astype(jnp.float32)
+    # The trainer recomputes log-probs rather than trusting the sampler's (Huang et al. 2023):
+    # PPO's ratio must compare like with like; the gap is logged as `logprob_diff_max`.
+    logp, entropy, values = policy_pass(s, params, tokens, mask, positions, P)
+    ref_logp = reference_logprobs(s, ref_params, tokens, mask, positions, P)
+    # Normalised RM score read at the EOS / last real token (rm.reward_index).
+    rm_score = rm.score_sequences(s.reward, rm_params, tokens, mask,
+                                  {"gain": s.reward_gain, "bias": s.reward_bias})
+    score = apply_eos_trick(rm_score, out.ended, s.no_eos_score)
+    rewards, kl = compute_rewards(score, logp, ref_logp, rmask, beta,
+                                  kl_in_reward=s.kl_mode == "reward")
+    raw_return = jnp.sum(rewards, axis=1)
+    if s.whiten_rewards:
+        # Ziegler et al. 2019 whiten rewards (scale only) so the value scale stays ~1.
+        rewards = masked_whiten(rewards, rmask, shift_mean=False)
+    advantages, returns = gae(rewards, values, rmask, s.gamma, s.lam)
+    adv_std = jnp.sqrt(masked_var(advantages, rmask))
+    if s.whiten_advantages:
+        # Over the whole (global) rollout batch, so the numbers do not depend on the mesh.
+        advantages = masked_whiten(advantages, rmask)
+    kl_seq = jnp.sum(kl, axis=1)
+    k3_seq = jnp.sum(kl_estimators(logp, ref_logp)["k3"] * m, axis=1)
+    batch = {
+        "tokens": tokens, "mask": mask, "positions": positions, "response_mask": rmask,
+        "old_logp": logp, "ref_logp": ref_logp, "old_values": values,
+        "advantages": advantages, "returns": returns,
+    }
+    rows = {"response_tokens": out.tokens, "response_mask": rmask, "lengths": out.lengths,
+            "ended": out.ended, "rm_score": rm_score, "score": score, "kl": kl_seq}
+    metrics = {
+        "rm_score": jnp.mean(rm_score),
+        "score": jnp.mean(score),  # after the EOS trick: what enters the reward
+        "kl": jnp.mean(kl_seq),  # sequence k1 (sum over tokens), batch mean
+        "kl_k3": jnp.mean(k3_seq),
+        "non_score_reward": -beta * jnp.mean(kl_seq),
+        "return": jnp.mean(raw_return),
+        "entropy": masked_mean(entropy, rmask),
+        "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
+        "eos_rate": jnp.mean(out.ended.astype(jnp.float32)),
+        # Sampler (KV cache, one token at a time) vs trainer (teacher-forced) log-probs.
+        "logprob_diff_max": jnp.max(jnp.abs(out.logprobs - logp) * m),
+        "value_error": masked_mean(jnp.square(values - returns), rmask),
+        "explained_variance": explained_variance(values, returns, rmask),
+        "value_mean": masked_mean(values, rmask),
+        "advantage_std": adv_std,
+    }
+    return batch, rows, metrics
+
+
+def ppo_loss(s: Settings, params: dict, mb: dict, ptx: dict | None, beta: jax.Array):
+    """Loss of one minibatch: clipped policy loss + vf_coef * clipped value loss
+    [- ent_coef * entropy] [+ beta * KL (kl_mode="loss")] [+ ptx_coef * LM loss (PPO-ptx)]."""
+    P = mb["tokens"].shape[1] - mb["response_mask"].shape[1]
+    m = mb["response_mask"]
+    logp, entropy, values = policy_pass(s, params, mb["tokens"], mb["mask"], mb["positions"], P)
+    pg, stats = policy_loss(logp, mb["old_logp"], mb["advantages"], m, s.clip)
+    vf, vstats = value_loss(values, mb["old_values"], mb["returns"], m, s.value_clip)
+    ent = masked_mean(entropy, m)
+    loss = pg + s.vf_coef * vf - s.ent_coef * ent
+    stats = {**stats, **vstats, "pg_loss": pg, "vf_loss": vf, "entropy_update": ent}
+    if s.kl_mode == "loss":
+        # KL as a loss term (GRPO-style) instead of in the reward. Note the bias (DESIGN.md
+        # pitfall 5): on-policy, the gradient of mean k3 is that of KL(pi_ref || pi), of k1 is 0
+        # in expectation; k2's equals the gradient of KL(pi || pi_ref).
+        kl_tok = kl_estimators(logp, mb["ref_logp"])[s.kl_loss_estimator]
+        kl_loss = masked_mean(kl_tok, m)
+        loss = loss + beta * kl_loss
+        stats["kl_loss"] = kl_loss
+    if ptx is not None:
+        # PPO-ptx (Ouyang et al. 2022, eq. 2): next-token loss on pretraining text keeps the
+        # "alignment tax" down. Token mean over this minibatch's ptx rows.
+        nll, sums = sft.lm_loss_sums(s.policy, params["policy"], ptx)
+        ptx_loss = nll / jnp.maximum(sums["count"], 1.0)
+        loss = loss + s.ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss
+    return loss, stats
+
+
+def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, opt_state,
+           batch: dict, ptx: dict | None, beta: jax.Array, shuffle_key: jax.Array,
+           update_index: jax.Array) -> tuple[dict, Any, dict]:
+    """`s.epochs` passes over one rollout batch, `s.minibatches` optimizer steps each, in one
+    `lax.scan` (compiled once). Minibatches are a fresh permutation per (update, epoch).
+
+    `ptx` (PPO-ptx) holds `s.minibatches * k` LM rows; minibatch j of every epoch uses rows
+    j*k .. (j+1)*k. Returns (params, opt_state, metrics averaged over all minibatch steps, plus
+    `ratio_first_max_dev`: max |ratio - 1| on the first minibatch of the first epoch, 0 up to
+    float32 rounding (~1e-7) when rollout and update compute the same log-probs).
+    """
+    B = batch["tokens"].shape[0]
+    n_mb = s.minibatches
+    if ptx is not None:
+        rows = jax.tree.leaves(ptx)[0].shape[0]
+        if rows % n_mb:
+            raise ValueError(f"ptx batch of {rows} rows is not divisible by "
+                             f"config.ppo.minibatches={n_mb}")
+        ptx = jax.tree.map(lambda x: x.reshape((n_mb, rows // n_mb) + x.shape[1:]), ptx)
+    grad_fn = jax.value_and_grad(functools.partial(ppo_loss, s), has_aux=True)
+
+    def minibatch_step(carry, xs):
+        params, opt_state = carry
+        idx, j = xs
+        mb = jax.tree.map(lambda x: x[idx], batch)
+        ptx_mb = None if ptx is None else jax.tree.map(lambda x: x[j], ptx)
+        (loss, stats), grads = grad_fn(params, mb, ptx_mb, beta)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), {**stats, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def epoch(carry, e):
+        idx = minibatch_indices(shuffle_key, update_index, e, B, n_mb)
+        return jax.lax.scan(minibatch_step, carry, (idx, jnp.arange(n_mb)))
+
+    (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jnp.arange(s.epochs))
+    metrics = {k: jnp.mean(v) for k, v in stats.items() if k != "ratio_max_dev"}
+    metrics["ratio_first_max_dev"] = stats["ratio_max_dev"][0, 0]
+    metrics["approx_kl_last_epoch"] = jnp.mean(stats["approx_kl"][-1])
+    return params, opt_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: SFT policy (+ frozen reference), reward model, value model.
+
+
+def _model_config(meta: Mapping, field: str, path: str) -> models.ModelConfig:
+    if "model_config" not in meta:
+        raise ValueError(f"config.{field}={path!r}: the checkpoint metadata has no "
+                         "'model_config'; is this the work dir of an SFT / RM stage?")
+    # Dropout off in every stage (Huang et al. 2023): PPO's ratio and KL assume a deterministic
+    # policy, and the sampler never applies dropout.
+    return models.ModelConfig.from_dict(dict(meta["model_config"])).replace(dropout=0.0)
+
+
+def _check_tree(params: dict, cfg: models.ModelConfig, heads: tuple[str, ...], field: str,
+                path: str) -> None:
+    want = jax.tree.map(lambda x: tuple(x.shape), models.abstract_params(cfg, heads))
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if want != got:
+        raise ValueError(f"config.{field}={path!r}: params do not match the checkpoint's "
+                         f"model_config with heads {heads} (different tree or shapes)")
+
+
+def value_params_from_rm(rm_params: dict, gain: float, bias: float) -> dict:
+    """A value network initialised from the RM (Ouyang et al. 2022; Huang et al. 2023), with the
+    RM's normalisation folded into its head so the initial values are on the reward's scale."""
+    out = jax.tree.map(np.asarray, dict(rm_params))
+    head = out["score_head"]
+    out["score_head"] = {"kernel": head["kernel"] * np.float32(gain),
+                         "bias": np.asarray(head["bias"] * gain + bias, head["bias"].dtype)}
+    return out
+
+
+def zero_value_head(cfg: models.ModelConfig) -> dict:
+    """Zero-initialised value head on the policy trunk (Huang et al. 2023: value head zero-init)."""
+    shapes = models.abstract_params(cfg, ("lm", "score"))["score_head"]
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: data iterators, decoding, gold judges, sample tables.
+
+
+class PPOBatches:
+    """Prompt batches (+ PPO-ptx LM rows) for `Trainer.fit`, resumable through get/set_state."""
+
+    def __init__(self, prompts, ptx=None):
+        self.prompts, self.ptx = prompts, ptx
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self.prompts))
+        if self.ptx is not None:
+            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
+        return batch
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(),
+                "ptx": None if self.ptx is None else self.ptx.get_state()}
+
+    def set_state(self, state: Mapping) -> None:
+        self.prompts.set_state(state["prompts"])
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.set_state(state["ptx"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _positive(config, path: str, value, kind=(int, float), strict=True):
+    if isinstance(value, bool) or not isinstance(value, kind) or not (
+            value > 0 if strict else value >= 0):
+        raise ValueError(f"config.{path}={value!r} must be {'>' if strict else '>='} 0")
+
+
+def validate_config(config) -> None:
+    """PPO fields, checked before anything loads or compiles (the Trainer checks the rest)."""
+    if config.value_from not in VALUE_FROM:
+        raise ValueError(f"config.value_from={config.value_from!r} must be one of {VALUE_FROM}")
+    for field in ("init_from", "reward_from"):
+        if not config[field]:
+            raise ValueError(f"config.{field} is empty: give the work dir of the "
+                             f"{'SFT' if field == 'init_from' else 'reward model'} stage "
+                             f"(--config.{field}=<dir>)")
+    r, p, k, x, e = config.rollout, config.ppo, config.kl, config.ptx, config.eval
+    _positive(config, "rollout.max_new_tokens", r.max_new_tokens, int)
+    _positive(config, "rollout.temperature", r.temperature)
+    _positive(config, "ppo.epochs", p.epochs, int)
+    _positive(config, "ppo.minibatches", p.minibatches, int)
+    if config.train.batch_size % p.minibatches:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} (episodes per "
+                         f"update) is not divisible by config.ppo.minibatches={p.minibatches}")
+    if config.train.accum_steps != 1:
+        raise ValueError("config.train.accum_steps must be 1 for PPO: minibatching is "
+                         "config.ppo.minibatches")
+    for name in ("clip", "value_clip"):
+        _positive(config, f"ppo.{name}", p[name])
+    for name in ("vf_coef", "ent_coef"):
+        _positive(config, f"ppo.{name}", p[name], strict=False)
+    for name in ("gamma", "lam"):
+        if not 0.0 <= p[name] <= 1.0:
+            raise ValueError(f"config.ppo.{name}={p[name]!r} must lie in [0, 1]")
+    if k.mode not in KL_MODES:
+        raise ValueError(f"config.kl.mode={k.mode!r} must be one of {KL_MODES}")
+    if k.loss_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"config.kl.loss_estimator={k.loss_estimator!r} must be one of "
+                         f"{KL_ESTIMATORS}")
+    _positive(config, "kl.beta", k.beta, strict=False)
+    if k.adaptive:
+        _positive(config, "kl.target", k.target)
+        _positive(config, "kl.horizon", k.horizon)
+        if k.beta == 0:
+            raise ValueError("config.kl.beta=0 with config.kl.adaptive=True: the controller "
+                             "multiplies beta, so it would stay 0; start from beta > 0")
+    _positive(config, "ptx.coef", x.coef, strict=False)
+    if x.coef > 0:
+        _positive(config, "ptx.rows_per_minibatch", x.rows_per_minibatch, int)
+        _positive(config, "ptx.seq_len", x.seq_len, int)
+    _positive(config, "eval.num_prompts", e.num_prompts, int)
+    _positive(config, "eval.sample_rows", e.sample_rows, int, strict=False)
+    from rlhf_jax.sim.judges import available_judges
+
+    for name in e.gold_judges:
+        if name not in available_judges():
+            raise ValueError(f"config.eval.gold_judges: unknown judge {name!r}; registered: "
+                             f"{available_judges()}")
+    if e.gold and e.gold not in e.gold_judges:
+        raise ValueError(f"config.eval.gold={e.gold!r} must be one of config.eval.gold_judges="
+                         f"{tuple(e.gold_judges)} (or '' for none)")
+
+
+def settings_from_config(config, policy: models.ModelConfig, reward: models.ModelConfig,
+                         reward_norm: Mapping | None, eos_id: int, pad_id: int) -> Settings:
+    norm = reward_norm or {"gain": 1.0, "bias": 0.0}
+    return Settings(
+        policy=policy, reward=reward, value=reward if config.value_from == "rm" else None,
+        reward_gain=float(norm["gain"]), reward_bias=float(norm["bias"]),
+        max_new_tokens=int(config.rollout.max_new_tokens),
+        temperature=float(config.rollout.temperature), eos_id=int(eos_id), pad_id=int(pad_id),
+        no_eos_score=float(config.rollout.no_eos_score) if config.rollout.eos_trick else None,
+        kl_mode=config.kl.mode, kl_loss_estimator=config.kl.loss_estimator,
+        gamma=float(config.ppo.gamma), lam=float(config.ppo.lam),
+        whiten_rewards=bool(config.ppo.whiten_rewards),
+        whiten_advantages=bool(config.ppo.whiten_advantages),
+        epochs=int(config.ppo.epochs), minibatches=int(config.ppo.minibatches),
+        clip=float(config.ppo.clip), value_clip=float(config.ppo.value_clip),
+        vf_coef=float(config.ppo.vf_coef), ent_coef=float(config.ppo.ent_coef),
+        ptx_coef=float(config.ptx.coef),
+    )
+
+
+def _encode_prompts(tokenizer, texts: list[str], max_len: int, what: str):
+    from rlhf_jax.data.tokenize import encode_prompts
+
+    if not texts:
+        raise ValueError(f"{what}: no prompts (check config.data)")
+    arrays, stats = encode_prompts(tokenizer, texts, max_len)
+    if stats["truncated"]:
+        log.warning("%s: %d of %d prompts longer than config.data.max_prompt_len=%d kept their "
+                    "last tokens", what, stats["truncated"], len(texts), max_len)
+    return arrays, stats
+
+
+def load_prompt_texts(source) -> tuple[list[str], list[str]]:
+    """(train, eval) RL prompts of a data source: the simulated world's, the prompts of an SFT
+    JSONL (`rlhf_jax.data.builders`), or the distinct prompts of preference files (kind
+    "preference_files", read like the RM stage reads them)."""
+    from rlhf_jax.data import builders
+
+    src = source.to_dict() if hasattr(source, "to_dict") else dict(source)
+    if src.get("kind") == "preference_files":
+        records, _ = rm.load_preference_records(src)
+        return tuple(list(dict.fromkeys(r["prompt"] for r in records[split]))
+                     for split in ("train", "eval"))
+    return builders.load_prompts(src, "train")[0], builders.load_prompts(src, "eval")[0]
+
+
+def run(config) -> dict:
+    """Train a policy with PPO against the RM in `config.reward_from`, starting from (and
+    KL-regularised towards) the SFT policy in `config.init_from`. Returns the run summary."""
+    import ml_collections
+    from transformers import AutoTokenizer
+
+    from rlhf_jax import checkpoint, trainer as tr
+    from rlhf_jax.data import builders
+    from rlhf_jax.data.iterators import ArrayIterator
+    from rlhf_jax.data.tokenize import encode_lm, special_ids
+    from rlhf_jax.sim.judges import get_judge
+
+    validate_config(config)
+    trainer = tr.Trainer(config, "ppo")
+    B = int(config.train.batch_size)
+
+    # Policy and frozen reference: both the SFT params (InstructGPT; Ziegler et al. 2019). An
+    # SFT work dir, or "hf:<dir>" for a Hugging Face checkpoint (sft.resolve_init).
+    _, sft_params, sft_meta = sft.resolve_init(config.init_from)
+    policy_cfg = _model_config(sft_meta, "init_from", config.init_from)
+    sft_params = {k: v for k, v in sft_params.items() if k != "score_head"}
+    _check_tree(sft_params, policy_cfg, ("lm",), "init_from", config.init_from)
+    rm_params, rm_meta = checkpoint.load_stage_params(config.reward_from)
+    rm_cfg = _model_config(rm_meta, "reward_from", config.reward_from)
+    rm_params = {k: v for k, v in rm_params.items() if k != "lm_head"}
+    _check_tree(rm_params, rm_cfg, ("score",), "reward_from", config.reward_from)
+    if rm_cfg.vocab_size != policy_cfg.vocab_size:
+        raise ValueError(f"config.reward_from: the RM's vocab_size {rm_cfg.vocab_size} differs from "
+                         f"the policy's {policy_cfg.vocab_size}; both must share one tokenizer")
+    reward_norm = rm_meta.get("reward_norm")
+    if reward_norm is None:
+        log.warning("config.reward_from=%s has no reward_norm metadata: using raw RM scores",
+                    config.reward_from)
+    tokenizer_dir = sft_meta.get("tokenizer_dir")
+    if not tokenizer_dir:
+        raise ValueError(f"config.init_from={config.init_from!r}: metadata has no tokenizer_dir")
+    if rm_meta.get("tokenizer_dir") and str(rm_meta["tokenizer_dir"]) != str(tokenizer_dir):
+        log.warning("policy tokenizer %s and RM tokenizer %s are different directories",
+                    tokenizer_dir, rm_meta["tokenizer_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    pad_id, eos_id = special_ids(tokenizer)
+    s = settings_from_config(config, policy_cfg, rm_cfg, reward_norm, eos_id, pad_id)
+
+    # Value model: a separate network initialised from the RM, or a zero head on the policy.
+    if config.value_from == "rm":
+        value = value_params_from_rm(rm_params, s.reward_gain, s.reward_bias)
+        value_axes = models.param_axes(rm_cfg, ("score",))
+    else:
+        value = {"score_head": zero_value_head(policy_cfg)}
+        value_axes = {"score_head": models.param_axes(policy_cfg, ("lm", "score"))["score_head"]}
+    policy_axes = models.param_axes(policy_cfg, ("lm",))
+    params = {"policy": sft_params, "value": value}
+    axes = {"policy": policy_axes, "value": value_axes}
+
+    # The schedule counts optimizer steps (epochs x minibatches per update); warmup is given in
+    # updates like every other `train` count.
+    per_update = s.epochs * s.minibatches
+    optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
+    optim_cfg.warmup_steps = int(config.optim.warmup_steps) * per_update
+    optimizer = tr.make_optimizer(optim_cfg, int(config.train.steps) * per_update)
+    beta0 = jnp.asarray(config.kl.beta, jnp.float32)
+    state, _ = trainer.create_state(params, axes, optimizer, extra={"beta": beta0})
+
+    ref_params = jax.device_put(sft_params, trainer.param_shardings(
+        policy_axes, jax.eval_shape(lambda: sft_params)))
+    rm_params = jax.device_put(rm_params, trainer.param_shardings(
+        models.param_axes(rm_cfg, ("score",)), jax.eval_shape(lambda: rm_params)))
+    del sft_params
+
+    # Prompts (train / eval) and, for PPO-ptx, pretraining text.
+    train_texts, eval_texts = load_prompt_texts(config.data.source)
+    eval_texts = eval_texts[:config.eval.num_prompts]
+    train_arrays, _ = _encode_prompts(tokenizer, train_texts, config.data.max_prompt_len,
+                                      "train prompts")
+    train_arrays["prompt_index"] = np.arange(len(train_texts), dtype=np.int32)
+    eval_arrays, _ = _encode_prompts(tokenizer, eval_texts, config.data.max_prompt_len,
+                                     "eval prompts")
+    prompt_iter = ArrayIterator(train_arrays, B, seed=config.seed)
+    ptx_iter = None
+    if s.ptx_coef > 0:
+        texts, _ = builders.load_pretrain_texts(config.ptx.source.to_dict(), "train")
+        lm, _ = encode_lm(tokenizer, texts, config.ptx.seq_len, pack=True)
+        ptx_iter = ArrayIterator(lm, s.minibatches * config.ptx.rows_per_minibatch,
+                                 seed=config.seed + 1)
+    batches = PPOBatches(prompt_iter, ptx_iter)
+
+    judges = {name: get_judge(name) for name in config.eval.gold_judges}
+    primary = config.eval.gold or None
+
+    # Jitted pieces, each compiled once (fixed shapes): rollout (sampler + passes + GAE) and the
+    # whole PPO update. Params / optimizer state keep the trainer's shardings.
+    rollout_jit = jax.jit(functools.partial(rollout, s))
+    update_jit = jax.jit(functools.partial(update, s, optimizer), donate_argnums=(0, 1),
+                         out_shardings=(trainer.state_shardings.params,
+                                        trainer.state_shardings.opt_state, trainer.replicated))
+    shuffle_key = jax.random.fold_in(jax.random.key(config.seed), _SHUFFLE_TAG)
+    k = config.kl
+
+    def gold_scores(prompts, responses) -> dict[str, np.ndarray]:
+        # Evaluation only: gold judges never enter the reward.
+        return {name: np.asarray(j.score(prompts, responses), np.float32)
+                for name, j in judges.items()}
+
+    def step_fn(state, batch, rng):
+        t0 = time.perf_counter()
+        beta = state.extra["beta"]
+        data, rows, metrics = rollout_jit(state.params, ref_params, rm_params,
+                                          batch["prompt_tokens"], batch["prompt_mask"],
+                                          jax.random.fold_in(rng, _SAMPLE_TAG), beta)
+        ptx = {kk[4:]: v for kk, v in batch.items() if kk.startswith("ptx_")} or None
+        params, opt_state, upd = update_jit(state.params, state.opt_state, data, ptx, beta,
+                                            shuffle_key, state.step)
+        # While the update runs: decode and judge the rollout on the host.
+        host = jax.device_get(rows)
+        idx = np.asarray(jax.device_get(batch["prompt_index"]))
+        prompts = [train_texts[i] for i in idx]
+        responses = evaluation.decode_responses(tokenizer, host["response_tokens"],
+                                                host["response_mask"])
+        gold = {f"gold/{n}": float(v.mean()) for n, v in gold_scores(prompts, responses).items()}
+        if primary:
+            gold["gold"] = gold[f"gold/{primary}"]
+        if k.adaptive:
+            # Ziegler et al. 2019: n_steps = episodes in this batch.
+            new_beta = adaptive_beta(beta, metrics["kl"], B, k.target, k.horizon)
+        else:
+            new_beta = beta
+        out = {**metrics, **upd, **gold, "beta": beta}
+        jax.block_until_ready(upd)
+        out["time/update_s"] = time.perf_counter() - t0
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             extra={"beta": new_beta}), out
+
+    # Evaluation on fixed prompts with a fixed sampling key, at the training temperature (the
+    # distribution PPO optimises), in chunks of the rollout batch shape (no recompiles).
+    eval_key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+    n_eval = len(eval_texts)
+
+    def evaluate_policy(policy_params, value_params) -> tuple[dict, dict]:
+        rows_all = []
+        for c, start in enumerate(range(0, n_eval, B)):
+            sl = {kk: v[start:start + B] for kk, v in eval_arrays.items()}
+            n = sl["prompt_tokens"].shape[0]
+            if n < B:  # pad the last chunk with copies of its first row
+                sl = {kk: np.concatenate([v, np.repeat(v[:1], B - n, 0)]) for kk, v in sl.items()}
+            g = trainer.to_global(sl)
+            with jax.set_mesh(trainer.mesh):
+                _, rows, _ = rollout_jit({"policy": policy_params, "value": value_params},
+                                         ref_params, rm_params, g["prompt_tokens"],
+                                         g["prompt_mask"], jax.random.fold_in(eval_key, c),
+                                         jnp.asarray(config.kl.beta, jnp.float32))
+            rows_all.append(jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(rows)))
+        rows = {kk: np.concatenate([r[kk] for r in rows_all]) for kk in rows_all[0]}
+        responses = evaluation.decode_responses(tokenizer, rows["response_tokens"],
+                                                rows["response_mask"])
+        golds = gold_scores(eval_texts, responses)
+        per_row = {"prompt": eval_texts, "response": responses, "rm_score": rows["rm_score"],
+                   "kl": rows["kl"], **{f"gold/{n}": v for n, v in golds.items()}}
+        metrics = {"rm_score": float(rows["rm_score"].mean()), "score": float(rows["score"].mean()),
+                   "kl": float(rows["kl"].mean()),
+                   "response_length": float(rows["lengths"].mean()),
+                   "eos_rate": float(rows["ended"].mean()),
+                   **{f"gold/{n}": float(v.mean()) for n, v in golds.items()}}
+        if primary:
+            metrics["gold"] = metrics[f"gold/{primary}"]
+        return metrics, per_row
+
+    def table(step, per_row, metrics):
+        n = min(config.eval.sample_rows, n_eval)
+        if not (trainer.is_main and n):
+            return
+        cols = {"rm": per_row["rm_score"]}
+        if primary:
+            cols[f"gold ({primary})"] = per_row[f"gold/{primary}"]
+        text = evaluation.sample_table(per_row["prompt"], per_row["response"], n=n, **cols)
+        head = ", ".join(f"{kk} {metrics[kk]:.3f}" for kk in ("gold", "rm_score", "kl")
+                         if kk in metrics)
+        with open(trainer.workdir / "samples.md", "a") as f:
+            f.write(f"\n## step {step} ({head})\n\n{text}\n")
+
+    # The SFT policy's numbers on the eval prompts (step 0 of the curves; the win-rate baseline).
+    sft_metrics, sft_rows = evaluate_policy(ref_params, state.params["value"])
+    if int(jax.device_get(state.step)) == 0:
+        trainer.writer.write(0, {f"eval/{kk}": v for kk, v in sft_metrics.items()})
+        table(0, sft_rows, sft_metrics)
+    last = {}
+
+    def eval_fn(st):
+        metrics, per_row = evaluate_policy(st.params["policy"], st.params["value"])
+        step = int(jax.device_get(st.step))
+        table(step, per_row, metrics)
+        last.update(metrics=metrics, rows=per_row)
+        return metrics
+
+    trainer.metadata.update({
+        "model_config": policy_cfg.to_dict(), "tokenizer_dir": str(tokenizer_dir),
+        "init_from": str(config.init_from), "reward_from": str(config.reward_from),
+    })
+    finite = ("loss", "kl", "rm_score", "grad_norm", "beta")
+    state = trainer.fit(state, step_fn, batches, eval_fn=eval_fn, jit=False,
+                        final_params=lambda st: st.params["policy"], finite_metrics=finite)
+
+    summary = {"sft": sft_metrics, "ppo": last.get("metrics", {}),
+               "beta": float(jax.device_get(state.extra["beta"])), "gold_judge": primary,
+               "episodes": int(jax.device_get(state.step)) * B}
+    if primary and last:
+        a = last["rows"][f"gold/{primary}"]
+        b = sft_rows[f"gold/{primary}"]
+        # Pairwise on the same prompts, ties count one half.
+        summary["win_rate_vs_sft"] = float(np.mean((a > b) + 0.5 * (a == b)))
+    trainer.write_summary(summary)
+    trainer.close()
+    return dict(trainer.summary)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from rlhf_jax import config_utils
+    from rlhf_jax.metrics import to_python
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = config_utils.parse_config_argv(sys.argv if argv is None else argv)
+    summary = run(config)
+    keys = ("sft", "ppo", "win_rate_vs_sft", "beta")
+    print(json.dumps(to_python({k: summary[k] for k in keys if k in summary}), indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

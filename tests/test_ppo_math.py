@@ -177,6 +177,8 @@ def test_clipped_losses_against_hand_values():
     assert float(loss) == pytest.approx((-1.2 + 0.8 - 2.2) / 3, rel=1e-5)
     assert float(st["clipfrac"]) == pytest.approx(2 / 3)
     assert float(st["ratio_max_dev"]) == pytest.approx(0.5, rel=1e-5)
+    r = np.array([1.5, 0.5, 1.1])
+    assert float(st["approx_kl"]) == pytest.approx(np.mean(r - 1 - np.log(r)), rel=1e-5)
 
     v = jnp.array([[1.0, 0.0, 3.0, 50.0]])
     old_v = jnp.array([[0.0, 0.0, 2.9, 0.0]])
