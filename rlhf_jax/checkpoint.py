@@ -109,7 +109,7 @@ def _host_target(tree_metadata):
 
 
 class Checkpointer:
-    """Rolling checkpoints of (train state, iterator state, metadata) under `workdir/checkpoints`."""
+    """Rolling checkpoints of (train state, iterator state, metadata) in `workdir/checkpoints`."""
 
     def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
         _configure_array_handler()

@@ -112,7 +112,8 @@ def _check_mesh_axes(value, where: str):
     value = tuple(value)
     for axis in value:
         if axis not in MESH_AXES:
-            raise ValueError(f"{where}: unknown mesh axis {axis!r}; mesh axes are {list(MESH_AXES)}")
+            raise ValueError(f"{where}: unknown mesh axis {axis!r}; mesh axes are "
+                             f"{list(MESH_AXES)}")
     if not value:
         return None
     return value[0] if len(value) == 1 else value

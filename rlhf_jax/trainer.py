@@ -413,8 +413,8 @@ class Trainer:
             restore_iterator: bool = True):
         """Run `step_fn` from `state.step` to `num_steps` (default config.train.steps).
 
-        Step s (1-based, = state.step after it) uses the key `fold_in(self.train_rng, s)` and the next
-        batch of `train_iter` (host-local numpy, made global over the mesh). `jit=False` runs a
+        Step s (1-based, = state.step after it) uses the key `fold_in(self.train_rng, s)` and the
+        next batch of `train_iter` (host-local numpy, made global over the mesh). `jit=False` runs a
         Python step as is (e.g. PPO's composite of jitted pieces). Metrics of every `log_every`-th
         step go to metrics.jsonl / TensorBoard; `eval_fn(state) -> dict` runs every `eval_every`
         steps and at the end (logged as `eval/<name>`, then `on_eval(step, metrics)`);
