@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     c.data = ml_collections.ConfigDict(dict(
         source=dict(
             kind="sim", seed=0,
-            num_train=int(preset.get("num_train", 64 if smoke else 6000)),
+            num_train=int(preset.get("num_train", 64 if smoke else 10_000)),
             num_eval=32 if smoke else 1000,
             k=int(preset.get("k", 4)),  # responses ranked per prompt (InstructGPT: 4..9)
             judge=preset.get("judge", "vader"),  # the gold the annotators follow
@@ -47,7 +47,9 @@ def get_config(arg: str | None = None):
             num_buckets=4,
         ),
         candidates=preset.get("candidates", "dataset"),  # dataset | policy | mixed (docstring)
-        max_len=40,  # prompt (<= 8 tokens) + the longest candidates (~30 tokens) + EOS
+        # Prompt + response + EOS: the 99th percentile of the world's candidates is 30 tokens;
+        # the few longer ones lose prompt tokens from the left (counted in summary.json).
+        max_len=32,
     ))
     # Sampling settings for candidates=policy / mixed.
     c.policy_data = ml_collections.ConfigDict(dict(
@@ -78,7 +80,9 @@ def get_config(arg: str | None = None):
         batch_size=64 if smoke else 512,
     ))
 
-    c.optim.lr = 1e-3
+    # Tuned on 2 CPU cores for held-out accuracy within ~2 points of the gold ceiling in one
+    # epoch (1e-3 learned too slowly, 1e-2 diverged from the SFT features).
+    c.optim.lr = 3e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 0 if smoke else 10
     c.optim.end_lr_ratio = 0.1
@@ -86,7 +90,7 @@ def get_config(arg: str | None = None):
     # > 0 sets train.steps to this many passes over the comparisons (InstructGPT: one epoch).
     c.train.epochs = 0.0 if smoke else 1.0
     c.train.steps = 2
-    c.train.batch_size = 8 if smoke else 64  # prompts (each with K responses) per step
+    c.train.batch_size = 8 if smoke else 32  # prompts (each with K responses) per step
     c.train.eval_every = 0 if smoke else 50
     c.train.eval_batches = 2 if smoke else 8
     c.train.ckpt_every = 100

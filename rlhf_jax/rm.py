@@ -303,12 +303,12 @@ def preference_metrics(ranks: np.ndarray, rewards: np.ndarray, *, raw: np.ndarra
         gdiff = gold[row, w] - gold[row, l]
         out["gold_ceiling_accuracy"] = _acc(gdiff)
 
-    def breakdown(labels):
+    def breakdown(labels, names=None):
         groups = {}
         lab = np.asarray([str(labels[r]) for r in row])
         for g in sorted(set(lab.tolist()), key=lambda x: (len(x), x)):
             sel = lab == g
-            name = annotator_names.get(g, g) if annotator_names else g
+            name = names.get(g, g) if names else g
             d = {"pairs": int(sel.sum()), "accuracy": _acc(diff[sel])}
             if gdiff is not None:
                 d["gold_ceiling_accuracy"] = _acc(gdiff[sel])
@@ -316,7 +316,7 @@ def preference_metrics(ranks: np.ndarray, rewards: np.ndarray, *, raw: np.ndarra
         return groups
 
     if annotators is not None and any(a != "" for a in annotators):
-        out["per_annotator"] = breakdown(annotators)
+        out["per_annotator"] = breakdown(annotators, annotator_names)
     if buckets is not None and any(b != "" for b in buckets):
         out["per_bucket"] = breakdown(buckets)
     gap = np.abs(diff)
@@ -580,8 +580,8 @@ def run(config) -> dict:
             load_stats[split] = {**load_stats[split], "policy": st}
     train_arrays, train_enc = _encode(tokenizer, records["train"], config.data.max_len)
     eval_arrays, eval_enc = _encode(tokenizer, records["eval"], config.data.max_len)
-    data_info.update(train={**load_stats["train"], **train_enc},
-                     eval={**load_stats["eval"], **eval_enc},
+    data_info.update(train={**load_stats["train"], **train_enc, "comparisons": len(records["train"])},
+                     eval={**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])},
                      seconds=round(time.perf_counter() - t0, 2))
     n_train = train_arrays["tokens"].shape[0]
     logging.info("rm data: %s", data_info)

@@ -220,3 +220,34 @@ def test_demonstration_normalisation_and_errors():
         rm.fit_norm(np.ones(5), "reference")
     with pytest.raises(ValueError, match="norm.method"):
         rm.fit_norm(demo, "zscore")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def test_preference_metrics_by_hand():
+    ranks = np.array([[0, 1, -1], [1, 0, -1], [0, 1, 2]])
+    rewards = np.array([[1.0, 0.0, 0.0], [2.0, 1.5, 0.0], [0.0, 0.3, 3.0]])
+    gold = np.array([[0.5, 0.1, 0.0], [0.0, 0.9, 0.0], [0.4, 0.4, 0.0]])
+    m = rm.preference_metrics(ranks, rewards, gold=gold, annotators=["a", "b", "a"],
+                              buckets=["x", "x", "y"], annotator_names={"a": "0:alice"},
+                              gap_edges=(0.0, 1.0))
+    # Pairs (winner, loser): row0 (0,1) right; row1 (1,0) wrong; row2 (0,1) wrong, (0,2) wrong,
+    # (1,2) wrong.
+    assert m["pairs"] == 5 and m["accuracy"] == pytest.approx(1 / 5)
+    # Gold: row0 right, row1 right, row2 (0,1) tie = 1/2, (0,2) right, (1,2) right.
+    assert m["gold_ceiling_accuracy"] == pytest.approx(4.5 / 5)
+    assert m["per_annotator"]["0:alice"] == {"pairs": 4, "accuracy": 0.25,
+                                             "gold_ceiling_accuracy": pytest.approx(3.5 / 4)}
+    assert m["per_annotator"]["b"]["accuracy"] == 0.0
+    assert set(m["per_bucket"]) == {"x", "y"} and m["per_bucket"]["y"]["pairs"] == 3
+    # |gaps|: 1.0, 0.5, 0.3, 3.0, 2.7 -> bin [0, 1): 0.5, 0.3 ; bin [1, inf): 1.0, 3.0, 2.7
+    lo, hi = m["calibration"]
+    assert (lo["pairs"], hi["pairs"]) == (2, 3)
+    assert lo["accuracy"] == 0.0 and hi["accuracy"] == pytest.approx(1 / 3)
+    assert lo["predicted"] == pytest.approx(np.mean(rm.sigmoid_np([0.5, 0.3])))
+
+
+def test_judge_agreement_ignores_gold_ties():
+    a = rm.judge_agreement(np.array([1.0, -1.0, 0.0, 2.0]), np.array([0.5, 0.5, -1.0, 0.0]))
+    assert a == {"agreement": pytest.approx((1 + 0 + 0.5) / 3), "pairs": 3}
