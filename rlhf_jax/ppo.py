@@ -363,7 +363,9 @@ def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
         "score": jnp.mean(score),  # after the EOS trick: what enters the reward
         "kl": jnp.mean(kl_seq),  # sequence k1 (sum over tokens), batch mean
         "kl_k3": jnp.mean(k3_seq),
-        "non_score_reward": -beta * jnp.mean(kl_seq),
+        # The KL part of the reward (0 when the KL is in the loss instead).
+        "non_score_reward": (-beta * jnp.mean(kl_seq) if s.kl_mode == "reward"
+                             else jnp.zeros((), jnp.float32)),
         "return": jnp.mean(raw_return),
         "entropy": masked_mean(entropy, rmask),
         "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
@@ -376,6 +378,11 @@ def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
         "advantage_std": adv_std,
     }
     return batch, rows, metrics
+
+
+# Jitted with the settings static, so runs in one process with equal settings (a resumed run, the
+# evaluation of SFT and PPO policies) share one compiled rollout.
+_rollout_jit = jax.jit(rollout, static_argnums=(0,))
 
 
 def ppo_loss(s: Settings, params: dict, mb: dict, ptx: dict | None, beta: jax.Array):
@@ -719,7 +726,7 @@ def run(config) -> dict:
 
     # Jitted pieces, each compiled once (fixed shapes): rollout (sampler + passes + GAE) and the
     # whole PPO update. Params / optimizer state keep the trainer's shardings.
-    rollout_jit = jax.jit(functools.partial(rollout, s))
+    rollout_jit = functools.partial(_rollout_jit, s)
     update_jit = jax.jit(functools.partial(update, s, optimizer), donate_argnums=(0, 1),
                          out_shardings=(trainer.state_shardings.params,
                                         trainer.state_shardings.opt_state, trainer.replicated))
