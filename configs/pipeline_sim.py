@@ -53,6 +53,17 @@ def get_config(arg: str | None = None):
         c.sft.data.source.num_train = 2000
         c.sft.eval.num_prompts = 32
         c.sft.train.eval_every = 0
+        # Below ~2k comparisons reward models sit near chance (Gao et al. 2022): two epochs of 4k.
+        c.rm.data.source.num_train = 4000
+        c.rm.train.epochs = 2.0
+        c.rm.data.source.num_eval = 300
+        c.rm.norm.num_samples = 256
+        c.rm.eval.fresh_world_pairs = 200
+        c.rm.eval.fresh_policy_pairs = 64
+        c.rm.train.eval_every = 0
+        c.ppo.train.steps = 40
+        c.ppo.train.eval_every = 0
+        c.ppo.eval.num_prompts = 64
         c.eval.num_prompts = 128
     c.lock()
     return c

@@ -196,15 +196,14 @@ def _print_table(summary: dict, samples: dict, root: Path) -> None:
     print(f"\n  summary: {root / 'summary.json'}\n  plot:    {summary['plot']}\n")
 
 
-def main(argv):
-    del argv
-    run(_CONFIG.value)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_sim.py"
 
 
 if __name__ == "__main__":
-    from absl import app
+    import sys
 
     from rlhf_jax import config_utils
 
-    _CONFIG = config_utils.define_config_flag(default="configs/pipeline_sim.py")
-    app.run(main)
+    if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+        sys.argv.insert(1, f"--config={DEFAULT_CONFIG}")
+    config_utils.run_with_config(run)

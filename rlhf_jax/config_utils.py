@@ -195,7 +195,10 @@ def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str 
         # Orbax logs every save step at INFO through absl; keep the console to warnings.
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("rlhf_jax").setLevel(logging.INFO)
-        return main(parsed["config"])
+        main(parsed["config"])
+        # absl's app.run exits with whatever `run` returns; a stage's summary dict would be
+        # printed to stderr and turned into exit status 1.
+        return 0
 
     app.run(run, flags_parser=parser)
 

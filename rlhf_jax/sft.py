@@ -211,18 +211,15 @@ def run(config) -> dict:
     return summary
 
 
-def main(argv):
+def main(config) -> dict:
     import json
 
-    del argv
-    summary = run(_CONFIG.value)
+    summary = run(config)
     print(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 if __name__ == "__main__":
-    from absl import app
-
     from rlhf_jax import config_utils
 
-    _CONFIG = config_utils.define_config_flag()
-    app.run(main)
+    config_utils.run_with_config(main)
