@@ -96,9 +96,8 @@ def test_left_and_right_padding_give_same_rewards(rm_params):
     left = score(rm_params, *_pad(rows, L, left=True))
     np.testing.assert_allclose(left, right, atol=1e-5)
     # ... and a row equals itself scored alone, unpadded (the head read at its last token).
-    for i in (1, 4):
-        alone = score(rm_params, np.array([rows[i]]), np.ones((1, len(rows[i]))))
-        np.testing.assert_allclose(right[i], alone[0], atol=1e-5)
+    alone = score(rm_params, np.array([rows[1]]), np.ones((1, len(rows[1]))))
+    np.testing.assert_allclose(right[1], alone[0], atol=1e-5)
     # [B, K, L] comparisons are scored per response.
     tk, mk = _pad(rows, L, left=False)
     bk = rm.score_sequences(CFG, rm_params, tk.reshape(3, 2, L), mk.reshape(3, 2, L))
@@ -112,8 +111,9 @@ def test_padding_token_ids_do_not_matter_and_norm_is_applied(rm_params):
     b = score(rm_params, other, mask)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     # The score is read at the last real token, not at the end of the padded row.
-    full = models.forward(CFG, rm_params, jnp.asarray(toks), models.positions_from_mask(mask), mask,
-                          want_logits=False)["scores"]
+    fwd = jax.jit(lambda p, t, m: models.forward(CFG, p, t, models.positions_from_mask(m), m,
+                                                 want_logits=False)["scores"])
+    full = fwd(rm_params, jnp.asarray(toks), jnp.asarray(mask))
     np.testing.assert_allclose(float(a[0]), float(full[0, 3]), atol=1e-6)
     assert abs(float(full[0, 7]) - float(full[0, 3])) > 1e-4
     n = score(rm_params, toks, mask, {"gain": 2.0, "bias": -0.5})
