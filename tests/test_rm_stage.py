@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 
 
-def _check_final(workdir, summary):
+def _check_final(workdir, summary, method):
     params, meta = checkpoint.load_stage_params(workdir)
     assert "score_head" in params and "lm_head" not in params
     norm = meta["reward_norm"]
-    assert norm == summary["reward_norm"] and norm["method"] == "reference"
+    assert norm == summary["reward_norm"] and norm["method"] == method
     assert np.isfinite(norm["gain"]) and norm["gain"] > 0
     cfg = models.ModelConfig.from_dict(meta["model_config"])
     return cfg, params, meta
@@ -56,7 +56,7 @@ def test_rm_sim_smoke(tmp_path):
     on_disk = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert on_disk["held_out_accuracy"] == summary["held_out_accuracy"]
 
-    rm_cfg, params, meta = _check_final(tmp_path / "rm", summary)
+    rm_cfg, params, meta = _check_final(tmp_path / "rm", summary, "reference")
     # The trunk came from the SFT checkpoint (two small steps away from it), the head is new.
     emb0, emb1 = sft_params["embed"]["embedding"], params["embed"]["embedding"]
     assert np.abs(emb1 - emb0).max() < 0.05 and np.abs(emb1 - emb0).max() > 0
@@ -99,8 +99,10 @@ def test_rm_hh_smoke(tmp_path):
     hf_dir = tmp_path / "gpt2"
     fast = _tiny_gpt2(hf_dir)
     assert fast.pad_token_id is None  # GPT-2 style: the stage pads with EOS, masks tell them apart
+    # Stiennon et al.'s normalisation here (the sim smoke run covers Ziegler's): on real data the
+    # preferred responses stand in for demonstrations.
     config = config_utils.parse_config_argv([
-        "rm", f"--config={ROOT / 'configs' / 'rm_hh.py'}:smoke",
+        "rm", f"--config={ROOT / 'configs' / 'rm_hh.py'}:smoke,norm=demonstrations",
         f"--config.workdir={tmp_path / 'rm'}", f"--config.init_from=hf:{hf_dir}",
         f"--config.data.source.train=('{FIX / 'hh_rlhf.jsonl'}',)",
         f"--config.data.source.eval=('{FIX / 'hh_rlhf_bad.jsonl'}',)",
@@ -117,7 +119,16 @@ def test_rm_hh_smoke(tmp_path):
     # The multi-turn birthday dialogue does not fit 40 tokens: its prompt was cut from the left.
     assert data["train"]["prompt_truncated"] >= 1
     assert summary["held_out_pairs"] == 2 and summary["gold_ceiling_accuracy"] is None
-    _check_final(tmp_path / "rm", summary)
+    cfg, params, meta = _check_final(tmp_path / "rm", summary, "demonstrations")
+    # Demonstration normalisation: gain 1, and the chosen responses now average 0.
+    assert meta["reward_norm"]["gain"] == 1.0
+    from rlhf_jax.data import preference_formats as pf
+
+    recs, _ = pf.parse_file(str(FIX / "hh_rlhf.jsonl"), "hh_rlhf")
+    batch, _ = tokenize.encode_sft(fast, [r["prompt"] for r in recs],
+                                   [r["responses"][0] for r in recs], 40)
+    chosen = rm.score_sequences(cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
+    assert abs(float(np.mean(chosen))) < 1e-4
 
 
 def test_rm_hh_malformed_file_stops_with_file_and_line(tmp_path):
