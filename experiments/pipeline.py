@@ -102,8 +102,8 @@ def compare_policies(config, dirs: dict[str, Path]) -> dict:
     rng = jax.random.fold_in(jax.random.key(config.seed), 1234)
     gold_judge = get_judge(config.eval.judge)
     results, per_sample = {}, {}
-    for name, params in (("sft", sft_params), ("ppo", ppo_params)):
-        s = sample_texts(policy_cfg, params, tokenizer, prompts, jax.random.fold_in(rng, len(name)),
+    for i, (name, params) in enumerate((("sft", sft_params), ("ppo", ppo_params))):
+        s = sample_texts(policy_cfg, params, tokenizer, prompts, jax.random.fold_in(rng, i),
                          max_prompt_len=pc.data.max_prompt_len,
                          max_new_tokens=pc.rollout.max_new_tokens, temperature=temperature,
                          batch_size=config.eval.batch_size)
