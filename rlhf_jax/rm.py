@@ -580,8 +580,9 @@ def run(config) -> dict:
             load_stats[split] = {**load_stats[split], "policy": st}
     train_arrays, train_enc = _encode(tokenizer, records["train"], config.data.max_len)
     eval_arrays, eval_enc = _encode(tokenizer, records["eval"], config.data.max_len)
-    data_info.update(train={**load_stats["train"], **train_enc, "comparisons": len(records["train"])},
-                     eval={**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])},
+    data_info.update(
+        train={**load_stats["train"], **train_enc, "comparisons": len(records["train"])},
+        eval={**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])},
                      seconds=round(time.perf_counter() - t0, 2))
     n_train = train_arrays["tokens"].shape[0]
     logging.info("rm data: %s", data_info)
@@ -637,7 +638,8 @@ def run(config) -> dict:
                 "train")
         else:
             norm_prompts = list(dict.fromkeys(r["prompt"] for r in records["train"]))
-        norm_prompts = (norm_prompts * (-(-nc.num_samples // max(len(norm_prompts), 1))))[:nc.num_samples]
+        repeats = -(-nc.num_samples // max(len(norm_prompts), 1))  # few real prompts: reuse them
+        norm_prompts = (norm_prompts * repeats)[:nc.num_samples]
     norm_info: dict[str, Any] = {}
 
     def fit_reward_norm(params) -> dict:

@@ -1,4 +1,5 @@
-"""Reward model math: where the reward is read, padding invariance, losses by hand, normalisation."""
+"""Reward model math: where the reward is read, padding invariance, losses by hand,
+normalisation, evaluation."""
 
 import math
 

@@ -64,7 +64,8 @@ def test_summarize_comparisons_fixture():
     assert r1["responses"][0].startswith(" Twelve weeks of training")
     assert r1["responses"][1] == " Legs heavy a week before my first half marathon."
     assert (r0["annotator"], r0["bucket"]) == ("w_alpha", "batch3")
-    assert cnn["prompt"].startswith("The city council voted") and cnn["prompt"].endswith("\n\nTL;DR:")
+    assert cnn["prompt"].startswith("The city council voted")
+    assert cnn["prompt"].endswith("\n\nTL;DR:")
     # The published rows carry a split: keep only one.
     train, st = pf.parse_file(str(FIX / "summarize_comparisons.json"), "summarize_comparisons",
                               split="train")
@@ -94,12 +95,14 @@ def test_ultrafeedback_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train_prefs.parquet")
     recs, _ = pf.parse_file(str(tmp_path / "train_prefs.parquet"), "ultrafeedback")
     jsonl, _ = pf.parse_file(str(FIX / "ultrafeedback_binarized.jsonl"), "ultrafeedback")
-    assert [(r["prompt"], r["responses"]) for r in recs] == [(r["prompt"], r["responses"]) for r in jsonl]
+    pairs = lambda rs: [(r["prompt"], r["responses"]) for r in rs]  # noqa: E731
+    assert pairs(recs) == pairs(jsonl)
 
 
 def test_generic_jsonl_fixture():
     recs, _ = pf.parse_file(str(FIX / "preferences.jsonl"), "jsonl")
-    assert recs[0]["responses"] == [" Hello and welcome!", " Go away."] and recs[0]["ranks"] == [0, 1]
+    assert recs[0]["responses"] == [" Hello and welcome!", " Go away."]
+    assert recs[0]["ranks"] == [0, 1]
     assert recs[0]["annotator"] == "a1" and recs[0]["bucket"] == "greetings"
     assert recs[1]["responses"] == [" Sunny and warm.", " Rain.", " It is weather."]
     assert recs[1]["ranks"] == [0, 1, 2]
@@ -107,7 +110,8 @@ def test_generic_jsonl_fixture():
 
 def test_malformed_rows_report_file_and_line():
     path = str(FIX / "hh_rlhf_bad.jsonl")
-    with pytest.raises(pf.PreferenceDataError, match=r"hh_rlhf_bad\.jsonl:2: missing field 'rejected'"):
+    with pytest.raises(pf.PreferenceDataError,
+                       match=r"hh_rlhf_bad\.jsonl:2: missing field 'rejected'"):
         pf.parse_file(path, "hh_rlhf")
     recs, stats = pf.parse_file(path, "hh_rlhf", skip_bad_rows=True)
     assert (stats.rows, stats.kept, stats.bad) == (5, 2, 3)
@@ -121,13 +125,17 @@ def test_malformed_rows_report_file_and_line():
                                "summaries": [{"text": "a"}, {"text": "b"}], "choice": 2},
      "'choice' must be 0 or 1"),
     ("ultrafeedback", {"prompt": "q", "chosen": [{"role": "user", "content": "q"}],
-                       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]},
+                       "rejected": [{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "x"}]},
      "last turn of 'chosen' must have role 'assistant'"),
     ("ultrafeedback", {"prompt": "q",
-                       "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+                       "chosen": [{"role": "user", "content": "q"},
+                                  {"role": "assistant", "content": "a"}],
+                       "rejected": [{"role": "user", "content": "other"},
+                                    {"role": "assistant", "content": "b"}]},
      "differ before their last turn"),
-    ("hh_rlhf", {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},
+    ("hh_rlhf", {"chosen": "\n\nHuman: a\n\nAssistant: b",
+                 "rejected": "\n\nHuman: c\n\nAssistant: d"},
      "differ before the last Assistant turn"),
     ("jsonl", {"prompt": "p", "responses": ["a", "b"], "ranks": [0]}, "'ranks' has 1 entries"),
     ("jsonl", {"prompt": "p", "responses": ["a", "b"], "ranks": [1, 1]}, "no preference"),
@@ -143,7 +151,8 @@ def test_format_errors_name_the_problem(tmp_path, fmt, row, needle):
 def test_tfds_builder_roundtrip(tmp_path):
     splits = {
         "train": {"format": "hh_rlhf", "files": [str(FIX / "hh_rlhf.jsonl")]},
-        "test": {"format": "hh_rlhf", "files": [str(FIX / "hh_rlhf_bad.jsonl")], "skip_bad_rows": True},
+        "test": {"format": "hh_rlhf", "files": [str(FIX / "hh_rlhf_bad.jsonl")],
+                 "skip_bad_rows": True},
     }
     recs, stats = pf.build_preference_dataset(splits, str(tmp_path / "tfds"))
     direct, _ = pf.parse_file(str(FIX / "hh_rlhf.jsonl"), "hh_rlhf")

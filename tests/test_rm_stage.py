@@ -65,8 +65,8 @@ def test_rm_sim_smoke(tmp_path):
     batch, _ = tokenize.encode_sft(tok, ["the movie was"], [" very good ."], 16)
     raw = rm.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"])
     normed = rm.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
-    np.testing.assert_allclose(np.asarray(normed),
-                               np.asarray(raw) * meta["reward_norm"]["gain"] + meta["reward_norm"]["bias"],
+    gain, bias = meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
+    np.testing.assert_allclose(np.asarray(normed), np.asarray(raw) * gain + bias,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -79,7 +79,8 @@ def _tiny_gpt2(path: Path):
     tok = Tokenizer(tok_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    text = [line for f in ("hh_rlhf.jsonl", "hh_rlhf_bad.jsonl") for line in (FIX / f).read_text().splitlines()]
+    text = [line for f in ("hh_rlhf.jsonl", "hh_rlhf_bad.jsonl")
+            for line in (FIX / f).read_text().splitlines()]
     tok.train_from_iterator(text, trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
@@ -143,7 +144,8 @@ def test_rm_hh_malformed_file_stops_with_file_and_line(tmp_path):
         f"--config.data.source.eval=('{FIX / 'hh_rlhf.jsonl'}',)",
         f"--config.data.source.data_dir={tmp_path / 'tfds'}",
     ])
-    with pytest.raises(PreferenceDataError, match=r"hh_rlhf_bad\.jsonl:2: missing field 'rejected'"):
+    with pytest.raises(PreferenceDataError,
+                       match=r"hh_rlhf_bad\.jsonl:2: missing field 'rejected'"):
         rm.run(config)
 
 

@@ -54,6 +54,7 @@ __all__ = [
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _MAX_BAD_EXAMPLES = 20
+_FIELDS = ("prompt", "responses", "ranks", "annotator", "bucket", "source")
 
 
 class PreferenceDataError(ValueError):
@@ -183,7 +184,8 @@ def _ultrafeedback(row: Any) -> dict[str, Any]:
             raise _RowError(f"field {name!r} is an empty conversation")
         last = conv[-1]
         if _need(last, "role", str, f" ({name}[-1])") != "assistant":
-            raise _RowError(f"the last turn of {name!r} must have role 'assistant', got {last['role']!r}")
+            raise _RowError(f"the last turn of {name!r} must have role 'assistant', "
+                            f"got {last['role']!r}")
         replies.append(_need(last, "content", str, f" ({name}[-1])"))
     if chosen[:-1] != rejected[:-1]:
         raise _RowError("'chosen' and 'rejected' differ before their last turn")
@@ -207,7 +209,8 @@ def _generic(row: Any) -> dict[str, Any]:
         if len(responses) < 2:
             raise _RowError(f"field 'responses' needs at least 2 responses, got {len(responses)}")
         if len(ranks) != len(responses):
-            raise _RowError(f"'ranks' has {len(ranks)} entries but 'responses' has {len(responses)}")
+            raise _RowError(f"'ranks' has {len(ranks)} entries but 'responses' has "
+                            f"{len(responses)}")
         for i, (r, k) in enumerate(zip(responses, ranks)):
             if not isinstance(r, str):
                 raise _RowError(f"responses[{i}] must be a string, got {type(r).__name__}")
@@ -215,7 +218,8 @@ def _generic(row: Any) -> dict[str, Any]:
                 raise _RowError(f"ranks[{i}] must be an int >= 0 (0 = best), got {k!r}")
         if len(set(ranks)) == 1:
             raise _RowError("all 'ranks' are equal: the row states no preference")
-        return _record(prompt, list(responses), list(ranks), row.get("annotator"), row.get("bucket"))
+        return _record(prompt, list(responses), list(ranks), row.get("annotator"),
+                       row.get("bucket"))
     chosen = _need(row, "chosen", str)
     rejected = _need(row, "rejected", str)
     return _record(prompt, [chosen, rejected], [0, 1], row.get("annotator"), row.get("bucket"))
@@ -239,7 +243,8 @@ def _rows(path: str) -> Iterator[tuple[int, Any, str | None]]:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:  # pragma: no cover - pyarrow ships with the test environment
-            raise ImportError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from e
+            raise ImportError(f"{path}: reading .parquet needs pyarrow "
+                              "(pip install pyarrow)") from e
         # Parquet has no lines: "line" is the 1-based row number.
         for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield i, row, None
@@ -267,7 +272,8 @@ def parse_file(path: str, fmt: str, *, skip_bad_rows: bool = False,
     stats, records = ParseStats(), []
     for lineno, row, error in _rows(path):
         where = f"{path}:{lineno}"
-        if error is None and split is not None and isinstance(row, dict) and row.get("split", split) != split:
+        other_split = isinstance(row, dict) and row.get("split", split) != split
+        if error is None and split is not None and other_split:
             continue
         stats.rows += 1
         try:
@@ -277,7 +283,8 @@ def parse_file(path: str, fmt: str, *, skip_bad_rows: bool = False,
         except _RowError as e:
             message = f"{where}: {e} (format {fmt!r})"
             if not skip_bad_rows:
-                raise PreferenceDataError(message + "; pass skip_bad_rows=True to skip and count such rows") from None
+                raise PreferenceDataError(
+                    message + "; pass skip_bad_rows=True to skip and count such rows") from None
             stats.bad += 1
             if len(stats.bad_examples) < _MAX_BAD_EXAMPLES:
                 stats.bad_examples.append(message)
@@ -309,7 +316,8 @@ def records_from_source(source: dict[str, Any]) -> tuple[list[dict[str, Any]], P
     """`source = {"format", "files", "skip_bad_rows", "split"?}` -> parse_files(...)."""
     files = source["files"]
     files = [files] if isinstance(files, str) else list(files)
-    return parse_files(files, source["format"], skip_bad_rows=bool(source.get("skip_bad_rows", False)),
+    return parse_files(files, source["format"],
+                       skip_bad_rows=bool(source.get("skip_bad_rows", False)),
                        split=source.get("split"))
 
 
@@ -346,7 +354,8 @@ def _builder_class():
         def __init__(self, *, splits: dict[str, dict[str, Any]], **kwargs):
             self._splits = {k: dict(v) for k, v in splits.items()}
             key = _source_key(self._splits)
-            kwargs.setdefault("config", tfds.core.BuilderConfig(name=key, description="local files"))
+            kwargs.setdefault("config",
+                              tfds.core.BuilderConfig(name=key, description="local files"))
             kwargs.setdefault("file_format", "array_record")
             super().__init__(**kwargs)
 
@@ -376,7 +385,7 @@ def _builder_class():
 
         def _generate_examples(self, records):
             for i, r in enumerate(records):
-                yield i, {k: r[k] for k in ("prompt", "responses", "ranks", "annotator", "bucket", "source")}
+                yield i, {k: r[k] for k in _FIELDS}
 
     return PreferenceBuilder
 
