@@ -190,7 +190,6 @@ def rm_loss(scores: jax.Array, rank: jax.Array, *, kind: str = "kwise", margin: 
         "accuracy": acc_sum,
         "pairs": n_pairs.sum(),
         "pairs_correct": correct.sum(),
-        "prompts": has_pref.sum().astype(jnp.float32),
     }
     return loss_sum, metrics
 
@@ -583,7 +582,7 @@ def run(config) -> dict:
     data_info.update(
         train={**load_stats["train"], **train_enc, "comparisons": len(records["train"])},
         eval={**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])},
-                     seconds=round(time.perf_counter() - t0, 2))
+        seconds=round(time.perf_counter() - t0, 2))
     n_train = train_arrays["tokens"].shape[0]
     logging.info("rm data: %s", data_info)
 
