@@ -56,11 +56,13 @@ def get_config(arg: str | None = None):
     # Ziegler's defaults (beta0 0.15, target 6 nats, horizon 10k episodes) are for 24-token
     # continuations and 100k+ episodes. Here a run is ~10k episodes of <= 20 tokens, so the
     # horizon is shortened (beta can move ~6x in a run instead of ~1.2x) and the target sized to
-    # what a tiny word-level policy spends to move its word choice towards positive sentiment.
+    # the ~11-token responses: 4 nats already lift the gold (VADER) score from ~0.07 to ~0.6.
+    # beta0 = 0.3 is near where the controller settles (measured 0.35-0.4), so the KL tracks
+    # the target from ~20 updates on instead of overshooting to ~8 nats first (beta0 = 0.1).
     c.kl = ml_collections.ConfigDict(dict(
         mode=preset.get("kl_mode", "reward"),  # "reward": -beta*k1 per token in the reward
         loss_estimator="k3",  # used when mode == "loss"
-        beta=0.1,
+        beta=0.3,
         adaptive=True,
         target=4.0,  # nats of sequence KL to the SFT policy
         horizon=1000,  # episodes

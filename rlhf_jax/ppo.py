@@ -4,7 +4,8 @@
 
 Objective (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019):
 
-    E_{x, y~pi}[ r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) ] + gamma_ptx * E_{x~D_pretrain}[ log pi(x) ]
+    E_{x, y~pi}[ r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) ]
+        + gamma_ptx * E_{x~D_pretrain}[ log pi(x) ]
 
 This file holds the whole algorithm: the math (pure functions of arrays, tested against plain
 references in tests/test_ppo_math.py), the rollout (sampler -> reference / value / reward model
@@ -21,7 +22,6 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,10 +35,6 @@ from rlhf_jax import evaluation, models, rm, sampling, sft
 # Masked statistics. Every mean / variance below is a token-weighted sum / count over the whole
 # (global) array: under jit on a mesh XLA reduces across devices, so the numbers do not depend on
 # the mesh shape (DESIGN.md pitfall 6) and padding never enters an average (pitfall 13).
-
-
-def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(x * mask.astype(x.dtype))
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -174,7 +170,8 @@ def minibatch_indices(key: jax.Array, update: jax.Array | int, epoch: jax.Array 
     (DESIGN.md pitfall 7).
     """
     if batch_size % num_minibatches:
-        raise ValueError(f"batch_size={batch_size} is not divisible by num_minibatches={num_minibatches}")
+        raise ValueError(f"batch_size={batch_size} is not divisible by "
+                         f"num_minibatches={num_minibatches}")
     k = jax.random.fold_in(jax.random.fold_in(key, update), epoch)
     return jax.random.permutation(k, batch_size).reshape(num_minibatches, -1)
 
@@ -288,7 +285,8 @@ def policy_pass(s: Settings, params: dict, tokens: jax.Array, mask: jax.Array,
     Row t of the outputs is read at sequence position P - 1 + t, the position whose logits
     predict response token t (and whose value estimates the return from token t on).
     Log-probs use logits divided by the sampling temperature (Ziegler et al. 2019; Huang et
-    al. 2023), so they match the sampler's and the PPO ratio starts at exactly 1.
+    al. 2023), so they match the sampler's and the PPO ratio starts at 1 (up to float32
+    rounding). With the value head on the policy trunk, the value loss also trains the trunk.
     """
     P = prompt_len
     out = models.forward(s.policy, _with_value_head(s, params), tokens, positions, mask)
@@ -662,8 +660,9 @@ def run(config) -> dict:
     rm_params = {k: v for k, v in rm_params.items() if k != "lm_head"}
     _check_tree(rm_params, rm_cfg, ("score",), "reward_from", config.reward_from)
     if rm_cfg.vocab_size != policy_cfg.vocab_size:
-        raise ValueError(f"config.reward_from: the RM's vocab_size {rm_cfg.vocab_size} differs from "
-                         f"the policy's {policy_cfg.vocab_size}; both must share one tokenizer")
+        raise ValueError(f"config.reward_from: the RM's vocab_size {rm_cfg.vocab_size} differs "
+                         f"from the policy's {policy_cfg.vocab_size}; both must share one "
+                         "tokenizer")
     reward_norm = rm_meta.get("reward_norm")
     if reward_norm is None:
         log.warning("config.reward_from=%s has no reward_norm metadata: using raw RM scores",
@@ -698,11 +697,12 @@ def run(config) -> dict:
     beta0 = jnp.asarray(config.kl.beta, jnp.float32)
     state, _ = trainer.create_state(params, axes, optimizer, extra={"beta": beta0})
 
-    ref_params = jax.device_put(sft_params, trainer.param_shardings(
-        policy_axes, jax.eval_shape(lambda: sft_params)))
-    rm_params = jax.device_put(rm_params, trainer.param_shardings(
-        models.param_axes(rm_cfg, ("score",)), jax.eval_shape(lambda: rm_params)))
-    del sft_params
+    def place(tree, tree_axes):  # frozen params, sharded like the trained ones
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+        return jax.device_put(tree, trainer.param_shardings(tree_axes, shapes))
+
+    ref_params = place(sft_params, policy_axes)
+    rm_params = place(rm_params, models.param_axes(rm_cfg, ("score",)))
 
     # Prompts (train / eval) and, for PPO-ptx, pretraining text.
     train_texts, eval_texts = load_prompt_texts(config.data.source)

@@ -51,9 +51,11 @@ def test_masked_whiten_ignores_padding_and_matches_numpy():
     x_garbage = np.where(mask == 1, x, 1e4).astype(np.float32)
     white = np.asarray(ppo.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask)))
     real = x[mask == 1]
-    np.testing.assert_allclose(white[mask == 1], (real - real.mean()) / real.std(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(white[mask == 1], (real - real.mean()) / real.std(),
+                               rtol=1e-4, atol=1e-5)
     assert np.all(white[mask == 0] == 0)
-    scaled = np.asarray(ppo.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask), shift_mean=False))
+    scaled = np.asarray(ppo.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask),
+                                          shift_mean=False))
     np.testing.assert_allclose(scaled[mask == 1], (real - real.mean()) / real.std() + real.mean(),
                                rtol=1e-4, atol=1e-5)
 
@@ -84,8 +86,9 @@ def test_whitening_and_gae_equal_on_1_and_8_devices():
     for a, b in zip(single, sharded):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     # And a per-device whitening really would be different (the test can fail).
-    per_dev = np.concatenate([np.asarray(ppo.masked_whiten(jnp.asarray(x[i:i + 2]), jnp.asarray(mask[i:i + 2])))
-                              for i in range(0, B, 2)])
+    per_dev = np.concatenate([
+        np.asarray(ppo.masked_whiten(jnp.asarray(x[i:i + 2]), jnp.asarray(mask[i:i + 2])))
+        for i in range(0, B, 2)])
     assert np.abs(per_dev - np.asarray(single[0])).max() > 0.1
 
 
@@ -155,7 +158,8 @@ def test_kl_estimators_on_known_kl():
 
 def test_minibatch_permutations_differ_across_epochs_and_updates():
     key = jax.random.key(7)
-    perms = {(u, e): np.asarray(ppo.minibatch_indices(key, u, e, 32, 4)) for u in range(3) for e in range(3)}
+    perms = {(u, e): np.asarray(ppo.minibatch_indices(key, u, e, 32, 4))
+             for u in range(3) for e in range(3)}
     for idx in perms.values():
         assert idx.shape == (4, 8)
         np.testing.assert_array_equal(np.sort(idx.ravel()), np.arange(32))  # a permutation

@@ -29,8 +29,8 @@ def _stage_dirs(root: Path, cfg, tok_dir, policy=None):
     checkpoint.save_final(sft, policy, {"model_config": cfg.to_dict(),
                                         "tokenizer_dir": str(tok_dir)}, 0)
     reward = jax.device_get(models.init_params(cfg, jax.random.key(1), ("score",)))
-    checkpoint.save_final(rmd, reward, {"model_config": cfg.to_dict(), "tokenizer_dir": str(tok_dir),
-                                        "reward_norm": NORM}, 0)
+    checkpoint.save_final(rmd, reward, {"model_config": cfg.to_dict(),
+                                        "tokenizer_dir": str(tok_dir), "reward_norm": NORM}, 0)
     return sft, rmd
 
 
