@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models, sharding
+from rlhf_jax.models import transformer
 
 V = 64
 ARCHES = ["llama", "gpt2"]
@@ -174,6 +175,32 @@ def test_scan_and_remat_do_not_change_logits_or_grads(arch="llama"):
             np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4, err_msg=f"{scan} {remat}")
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_stacked_projections_match_separate(arch, monkeypatch):
+    """Training-size calls run q/k/v (or k/v) and gate/up as one matmul over kernels stacked at
+    run time; decode-size calls keep separate matmuls. Both must give the same numbers."""
+    cfg = _cfg(arch)
+    params = _params(cfg)
+    tokens, mask = _left_pad(ROWS, 9)
+    results, n_dots = {}, {}
+    for name, threshold in (("separate", 10**9), ("stacked", 0)):
+        monkeypatch.setattr(transformer, "_FUSE_MIN_TOKENS", threshold)
+
+        def loss(p):  # a fresh function per setting: the threshold is read at trace time
+            out = models.forward(cfg, p, jnp.asarray(tokens), models.positions_from_mask(jnp.asarray(mask)),
+                                 jnp.asarray(mask))
+            return jnp.sum(jax.nn.log_softmax(out["logits"])[..., 3] * mask), out["logits"]
+
+        n_dots[name] = str(jax.make_jaxpr(loss)(params)).count("dot_general")
+        results[name] = jax.jit(jax.grad(loss, has_aux=True))(params)
+    # gpt2 (multi-head): q/k/v -> 1 matmul; llama (GQA): k/v -> 1 and gate/up -> 1.
+    assert n_dots["separate"] - n_dots["stacked"] == 2
+    (g1, l1), (g2, l2) = results["separate"], results["stacked"]
+    np.testing.assert_allclose(l2, l1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_compute_is_close_to_f32(arch="llama"):
     cfg = _cfg(arch)
     params = _params(cfg)
@@ -191,7 +218,7 @@ def test_bf16_compute_is_close_to_f32(arch="llama"):
     assert np.corrcoef(bf16[real].ravel(), f32[real].ravel())[0, 1] > 0.999
 
 
-def test_sharded_forward_on_2x2x2_mesh_matches_one_device(arch="llama"):
+def test_sharded_forward_on_2x2x2_mesh_matches_one_device(monkeypatch, arch="llama"):
     assert jax.device_count() >= 8, "conftest should give 8 CPU devices"
     cfg = _cfg(arch)
     heads = ("lm", "score")
@@ -221,3 +248,9 @@ def test_sharded_forward_on_2x2x2_mesh_matches_one_device(arch="llama"):
     assert out["logits"].sharding.num_devices == 8
     np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(ref["logits"]), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out["scores"]), np.asarray(ref["scores"]), atol=2e-5, rtol=1e-5)
+    # The stacked-kernel projections (training-size calls) keep each kernel's sharding.
+    monkeypatch.setattr(transformer, "_FUSE_MIN_TOKENS", 0)
+    fwd_stacked = jax.jit(lambda p, t, m: models.forward(cfg, p, t, models.positions_from_mask(m), m))
+    with jax.set_mesh(mesh):
+        out = fwd_stacked(placed, batch["tokens"], batch["mask"])
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(ref["logits"]), atol=2e-5, rtol=1e-5)

@@ -147,6 +147,28 @@ def _dense(p: Params, x: jax.Array, spec: str, dtype) -> jax.Array:
     return y
 
 
+# Below this many tokens per call (decode steps), projections stay separate matmuls: stacking
+# their kernels copies the weights, which then costs more than one wider matmul saves.
+_FUSE_MIN_TOKENS = 256
+
+
+def _dense_group(ps: list[Params], x: jax.Array, dtype) -> list[jax.Array]:
+    """Same-shaped projections of `x` (q/k/v, gate/up) as one matmul over kernels stacked at run time.
+
+    The parameter tree is unchanged. A new axis (not a concatenation along heads/mlp) keeps each
+    kernel's sharding intact, so no collective is needed. On CPU this runs ~20% faster under
+    autodiff: one wider matmul, and the backward writes one stacked gradient that XLA transposes
+    with a plain copy instead of fusing the elementwise backward into a strided transposing copy.
+    """
+    if len(ps) == 1 or x.shape[0] * x.shape[1] < _FUSE_MIN_TOKENS:
+        return [_dense(p, x, "btd,d...->bt...", dtype) for p in ps]
+    w = jnp.stack([p["kernel"] for p in ps], axis=1).astype(dtype)  # [D, c, ...]
+    y = jnp.einsum("btd,dc...->btc...", x, w)
+    if "bias" in ps[0]:
+        y = y + jnp.stack([p["bias"] for p in ps]).astype(dtype)
+    return [y[:, :, i] for i in range(len(ps))]
+
+
 def _dropout(x, rate, rng):
     if rng is None or rate <= 0.0:
         return x
@@ -159,9 +181,11 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
     """One pre-norm transformer block. `kv` is this layer's (k_cache, v_cache) or None."""
     dtype = jnp.dtype(cfg.dtype)
     h = _norm(cfg, lp["attn_norm"], x)
-    q = _dense(lp["q"], h, "btd,dnh->btnh", dtype)
-    k = _dense(lp["k"], h, "btd,dkh->btkh", dtype)
-    v = _dense(lp["v"], h, "btd,dkh->btkh", dtype)
+    if cfg.kv_heads == cfg.n_heads:
+        q, k, v = _dense_group([lp["q"], lp["k"], lp["v"]], h, dtype)
+    else:  # grouped-query attention: q has more heads than k/v
+        q = _dense(lp["q"], h, "btd,dnh->btnh", dtype)
+        k, v = _dense_group([lp["k"], lp["v"]], h, dtype)
     if not cfg.is_gpt2:
         q = _rope(q, positions, cfg.rope_theta)
         k = _rope(k, positions, cfg.rope_theta)
@@ -182,8 +206,7 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         m = jax.nn.gelu(_dense(lp["fc_in"], h, "btd,df->btf", dtype), approximate=True)
         m = _dense(lp["fc_out"], m, "btf,fd->btd", dtype)
     else:
-        gate = _dense(lp["gate"], h, "btd,df->btf", dtype)
-        up = _dense(lp["up"], h, "btd,df->btf", dtype)
+        gate, up = _dense_group([lp["gate"], lp["up"]], h, dtype)
         m = _dense(lp["down"], jax.nn.silu(gate) * up, "btf,fd->btd", dtype)
     x = x + _dropout(m, cfg.dropout, r2)
     return x, new_kv
