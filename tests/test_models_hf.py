@@ -78,8 +78,11 @@ def _torch_logits(model, tokens, mask, positions):
                      position_ids=torch.tensor(positions)).logits.float().numpy()
 
 
+_forward = jax.jit(models.forward, static_argnums=0)  # one compile per model, not one per op
+
+
 def _our_logits(cfg, params, tokens, mask, positions):
-    out = models.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    out = _forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
     return np.asarray(out["logits"])
 
 
@@ -135,7 +138,7 @@ def test_config_round_trip_and_mistral_export(tmp_path):
                              n_kv_heads=2, d_ff=48, max_len=32, rope_theta=1e6,
                              tie_embeddings=False, hf_model_type="mistral", norm_eps=1e-6)
     assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
-    params = jax.tree.map(lambda x: x * 5, models.init_params(cfg, jax.random.key(0)))
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x * 5, models.init_params(cfg, k)))(jax.random.key(0))
     hf.save_hf(cfg, params, str(tmp_path))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
     assert type(model).__name__ == "MistralForCausalLM"
@@ -173,6 +176,9 @@ def test_sharded_checkpoint_score_head_and_mesh_placement(hf_dirs, tmp_path):
 
     cfg_s, params_s = hf.load_hf(sharded, shardings=place)
     assert cfg_s == cfg and seen_heads == [("lm",)]
+    # A ready-made tree of shardings works too.
+    _, again = hf.load_hf(sharded, shardings=place(cfg, ("lm",)))
+    assert again["layers"]["up"]["kernel"].sharding == params_s["layers"]["up"]["kernel"].sharding
     P = jax.sharding.PartitionSpec
     assert params_s["layers"]["q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     assert params_s["layers"]["down"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
@@ -192,7 +198,7 @@ def test_sharded_checkpoint_score_head_and_mesh_placement(hf_dirs, tmp_path):
     np.testing.assert_array_equal(np.asarray(rm2["score_head"]["kernel"]), np.asarray(rm["score_head"]["kernel"]))
     assert float(rm2["score_head"]["bias"]) == 0.25 and rm2["score_head"]["bias"].shape == ()
     tokens, mask, positions = _batch("right")
-    out = models.forward(cfg_rm, rm2, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    out = _forward(cfg_rm, rm2, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
     assert out["scores"].shape == (B, T)
     # Re-exporting without the head removes the stale side file.
     hf.save_hf(cfg, params, rm_dir)
@@ -289,8 +295,14 @@ def test_bad_checkpoints_name_tensor_and_file(hf_dirs, tmp_path):
     d, _ = _edited_copy(gpt2, tmp_path / "buffers", tensors=lambda t: t.update(
         {"transformer.h.0.attn.bias": np.ones((1, 1, 32, 32), np.float32),
          "lm_head.weight": t["transformer.wte.weight"].copy()}))
-    cfg, _ = hf.load_hf(d)
+    cfg, with_buffers = hf.load_hf(d)
     assert cfg.is_gpt2
+    # The original OpenAI GPT-2 files name tensors without the "transformer." prefix.
+    d, _ = _edited_copy(gpt2, tmp_path / "no_prefix", tensors=lambda t: t.update(
+        {k.removeprefix("transformer."): t.pop(k) for k in list(t)}))
+    _, bare = hf.load_hf(d)
+    for a, b in zip(jax.tree.leaves(with_buffers), jax.tree.leaves(bare)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("field, edit", [
