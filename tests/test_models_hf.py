@@ -313,6 +313,7 @@ def test_bad_checkpoints_name_tensor_and_file(hf_dirs, tmp_path):
     ("hidden_act", lambda c: c.update(hidden_act="gelu")),
     ("attention_bias", lambda c: c.update(attention_bias=True)),
     ("sliding_window", lambda c: c.update(model_type="mistral", sliding_window=16)),
+    ("hidden_size", lambda c: c.pop("hidden_size")),
 ])
 def test_unsupported_configs_name_field_and_file(field, edit, hf_dirs, tmp_path):
     d, _ = _edited_copy(hf_dirs["llama"][0], tmp_path / "bad", config=edit)

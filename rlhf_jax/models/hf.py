@@ -107,6 +107,13 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
             f"{source}: model_type={model_type!r} is not supported; rlhf_jax converts "
             f"{list(SUPPORTED_MODEL_TYPES)}"
         )
+    try:
+        return _config_from_hf(hf, model_type, source)
+    except KeyError as e:
+        raise HFCheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
+
+
+def _config_from_hf(hf: dict, model_type: str, source: str) -> ModelConfig:
     common = dict(vocab_size=int(hf["vocab_size"]), param_dtype=_dtype_name(hf), hf_model_type=model_type)
     if model_type == "gpt2":
         _require(hf, "activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh"),
@@ -136,7 +143,8 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
     if model_type == "qwen2":
         layer_types = hf.get("layer_types") or []
         sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
-        if sliding or (hf.get("use_sliding_window") and not layer_types
+        # transformers 4.x: layers from max_window_layers on use the window (if one is set).
+        if sliding or (hf.get("use_sliding_window") and not layer_types and hf.get("sliding_window")
                        and int(hf.get("max_window_layers", 0)) < int(hf["num_hidden_layers"])):
             raise HFCheckpointError(
                 f"{source}: use_sliding_window / layer_types put sliding-window attention on "
