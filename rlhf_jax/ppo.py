@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import evaluation, models, rm, sampling, sft
+from rlhf_jax import evaluation, handoff, models, rm, sampling, sft
 
 # ----------------------------------------------------------------------------------------------
 # Masked statistics. Every mean / variance below is a token-weighted sum / count over the whole
@@ -650,8 +650,8 @@ def run(config) -> dict:
     B = int(config.train.batch_size)
 
     # Policy and frozen reference: both the SFT params (InstructGPT; Ziegler et al. 2019). An
-    # SFT work dir, or "hf:<dir>" for a Hugging Face checkpoint (sft.resolve_init).
-    _, sft_params, sft_meta = sft.resolve_init(config.init_from)
+    # SFT work dir, or "hf:<dir>" for a Hugging Face checkpoint (handoff.resolve_init).
+    _, sft_params, sft_meta = handoff.resolve_init(config.init_from)
     policy_cfg = _model_config(sft_meta, "init_from", config.init_from)
     sft_params = {k: v for k, v in sft_params.items() if k != "score_head"}
     _check_tree(sft_params, policy_cfg, ("lm",), "init_from", config.init_from)

@@ -536,7 +536,7 @@ def run(config) -> dict:
     from rlhf_jax import trainer as trainer_lib
     from rlhf_jax.data import builders, tokenize
     from rlhf_jax.data.iterators import ArrayIterator
-    from rlhf_jax.sft import resolve_init
+    from rlhf_jax.handoff import resolve_init
     from rlhf_jax.sim.judges import get_judge
 
     t_start = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import models
+from rlhf_jax import handoff, models
 
 
 def token_logprobs(cfg: models.ModelConfig, params, tokens, mask, *, positions=None,
@@ -48,36 +48,6 @@ def lm_loss_sums(cfg: models.ModelConfig, params, batch) -> tuple[jax.Array, dic
 
 
 # ----------------------------------------------------------------------------------- the stage
-
-
-def resolve_init(init_from: str, *, model_cfg_fallback=None, heads=("lm",)):
-    """Where a stage's starting params come from → (ModelConfig, host params or None, metadata).
-
-    "" : fresh params of `model_cfg_fallback` (returns params None: the trainer inits sharded);
-    "zoo:<preset>": the simulated world's pretrained base model of that preset (trained once,
-    then cached); "hf:<dir>": a local Hugging Face checkpoint; anything else: the work dir of a
-    finished stage (its `final/` params and metadata).
-    """
-    from rlhf_jax import checkpoint
-    from rlhf_jax.models import hf
-
-    if not init_from:
-        if model_cfg_fallback is None:
-            raise ValueError("config.init_from is empty and no model config was given")
-        return model_cfg_fallback, None, {}
-    if init_from.startswith("zoo:"):
-        from rlhf_jax.sim import zoo
-
-        init_from = str(zoo.base_model(init_from[4:]))
-    if init_from.startswith("hf:"):
-        path = init_from[3:]
-        cfg, params = hf.load_hf(path, dtype="float32")
-        params = jax.device_get(params)
-        return cfg, params, {"tokenizer_dir": path, "model_config": cfg.to_dict()}
-    params, meta = checkpoint.load_stage_params(init_from)
-    if "model_config" not in meta:
-        raise ValueError(f"init_from={init_from!r}: its metadata has no model_config")
-    return models.ModelConfig.from_dict(meta["model_config"]), params, meta
 
 
 def _tokenizer_for(config, meta):
@@ -125,7 +95,7 @@ def run(config) -> dict:
     fallback = None
     if not config.init_from:
         fallback = models.preset(config.model.preset)
-    cfg, init_params, meta = resolve_init(config.init_from, model_cfg_fallback=fallback)
+    cfg, init_params, meta = handoff.resolve_init(config.init_from, model_cfg_fallback=fallback)
     tokenizer, tok_dir = _tokenizer_for(config, meta)
     if init_params is None:
         cfg = cfg.replace(vocab_size=len(tokenizer))

@@ -164,6 +164,9 @@ def _builder_classes() -> dict[str, type]:
         return _CLASSES
     import tensorflow_datasets as tfds
 
+    # Builds are seconds long; per-split progress bars would bury the stage's own progress.
+    tfds.disable_progress_bar()
+
     f = tfds.features
 
     class _Base(tfds.core.GeneratorBasedBuilder):

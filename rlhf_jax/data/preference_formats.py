@@ -336,6 +336,9 @@ def _source_key(splits: dict[str, dict[str, Any]]) -> str:
 def _builder_class():
     import tensorflow_datasets as tfds
 
+    # Builds are seconds long; per-split progress bars would bury the stage's own progress.
+    tfds.disable_progress_bar()
+
     # Not in TFDS's global registry: the data are local files, never looked up by name.
     class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Ranked responses from local files; one TFDS split per entry of `splits`.
