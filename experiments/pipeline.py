@@ -144,13 +144,18 @@ def plot_training(ppo_dir: Path, out: Path) -> Path | None:
     if not rows:
         return None
     kl = np.array([r["kl"] for r in rows])
+    steps = np.array([r.get("step", i) for i, r in enumerate(rows)])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(kl, [r["rm_score"] for r in rows], ".-", label="proxy (RM) score", alpha=0.8)
+    # KL does not grow monotonically, so points (shaded by update) read better than a line.
+    series = [("rm_score", "proxy (RM) score", "Blues", "o")]
     if "gold" in rows[0]:
-        ax.plot(kl, [r["gold"] for r in rows], ".-", label="gold score (VADER)", alpha=0.8)
+        series.append(("gold", "gold score (VADER)", "Oranges", "s"))
+    for key, label, cmap, marker in series:
+        ax.scatter(kl, [r[key] for r in rows], c=steps, cmap=cmap, vmin=-0.3 * steps.max(),
+                   marker=marker, s=14, label=label)
     ax.set_xlabel("KL(π || π_SFT) per episode [nats]")
     ax.set_ylabel("mean score of rollouts")
-    ax.set_title("PPO on the simulated world")
+    ax.set_title("PPO on the simulated world (darker = later update)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
