@@ -21,6 +21,11 @@ top-p truncation. That is the quantity a trainer recomputes from a teacher-force
 (Ziegler et al. 2019; Huang et al. 2023, "temperature-scaled log-probs"), so the sampler/trainer
 log-prob gap measures numerics, not the truncation.
 
+Drawing. One uniform per row, inverted through the CDF of the (filtered) softmax: exact
+categorical sampling with B random numbers per step instead of the B x vocab Gumbels of
+`jax.random.categorical` (~10x cheaper on CPU). The key for step `i` is `fold_in(rng, i)`, so a
+given `rng` always gives the same samples, on any mesh (threefry keys are partitionable).
+
 EOS. Each row stops at its first EOS: that EOS is kept with `mask = 1`; every later position
 holds `pad_id`, `mask = 0` and log-prob 0. This also holds when `pad_id == eos_id`, where only
 `mask` tells the real EOS from padding.
@@ -66,6 +71,23 @@ class SampleOutput:
     logits: jax.Array | None = None
 
 
+def _inverse_cdf_sample(rng: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) by inverting the CDF with a single uniform.
+
+    `jax.random.categorical` draws a Gumbel per vocabulary entry; on CPU that RNG work cost
+    ~10x this (B x V random numbers per step instead of B). Rows with -inf entries (top-k/top-p)
+    work: those entries add no mass, so they can never be picked.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    total = cdf[:, -1:]
+    u = jax.random.uniform(rng, total.shape, jnp.float32) * total
+    # Strictly below the total mass, so the pick is a token with positive probability even when
+    # rounding makes u * total == total.
+    u = jnp.minimum(u, jnp.nextafter(total, jnp.zeros_like(total)))
+    return jnp.sum(cdf <= u, axis=-1)
+
+
 def sample_logits(
     logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> tuple[jax.Array, jax.Array]:
@@ -100,7 +122,7 @@ def sample_logits(
             n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1), 1)
             threshold = jnp.take_along_axis(desc, n_keep[:, None] - 1, axis=-1)
             kept = jnp.where(scaled < threshold, -jnp.inf, kept)
-        token = jax.random.categorical(rng, kept, axis=-1)
+        token = _inverse_cdf_sample(rng, kept)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logprob
 
