@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -108,16 +109,29 @@ def _host_target(tree_metadata):
     return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree_metadata)
 
 
+def _remove_unfinished_saves(directory: Path) -> None:
+    """Delete `<step>.orbax-checkpoint-tmp*` dirs that a crash left mid-save.
+
+    They are never valid checkpoints (Orbax renames a save into place only once it is complete),
+    so removing them loses nothing. Done here, synchronously and tolerant of a concurrent remover,
+    instead of Orbax's `cleanup_tmp_directories`, whose background rmtree raced a second manager
+    opened on the same directory (FileNotFoundError on restart after SIGKILL).
+    """
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Checkpointer:
     """Rolling checkpoints of (train state, iterator state, metadata) in `workdir/checkpoints`."""
 
     def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
         _configure_array_handler()
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        _remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            # Leftover `<step>.orbax-checkpoint-tmp` dirs from a crash are removed on start.
-            cleanup_tmp_directories=True)
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              handler_registry=_registry((STATE,), (DATA, META)))
         self._saved: set[int] = set()  # steps saved by this process (maybe still in flight)
