@@ -15,7 +15,6 @@ config.json. A score head (reward / value model) goes to `score_head.safetensors
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

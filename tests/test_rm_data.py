@@ -145,7 +145,7 @@ def test_format_errors_name_the_problem(tmp_path, fmt, row, needle):
     f.write_text("\n" + json.dumps(row) + "\n")  # blank first line: the row is line 2
     with pytest.raises(pf.PreferenceDataError) as e:
         pf.parse_file(str(f), fmt)
-    assert f"data.jsonl:2: " in str(e.value) and needle in str(e.value)
+    assert "data.jsonl:2: " in str(e.value) and needle in str(e.value)
 
 
 def test_tfds_builder_roundtrip(tmp_path):

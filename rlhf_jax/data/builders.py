@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
