@@ -190,12 +190,27 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         q = _rope(q, positions, cfg.rope_theta)
         k = _rope(k, positions, cfg.rope_theta)
     new_kv = None
-    if kv is not None:
+    if kv is None:
+        attn = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+    else:
+        # Cache layout [B, kv_heads, S, head_dim]: XLA:CPU runs the per-(batch, head) score and
+        # value matmuls of a decode step ~10x faster with S next to head_dim than with
+        # dot_product_attention on [B, S, kv_heads, head_dim].
         k_cache, v_cache = kv
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
-        k, v, new_kv = k_cache.astype(dtype), v_cache.astype(dtype), (k_cache, v_cache)
-    attn = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+        k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)
+        v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new, cache_index, 2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new, cache_index, 2)
+        new_kv = (k_cache, v_cache)  # this layer's updated slice [B, kv_heads, S, head_dim]
+        B, T, N, Dh = q.shape
+        KV = k_cache.shape[1]
+        qg = q.reshape(B, T, KV, N // KV, Dh).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, Dh]
+        s = jnp.einsum("bkgth,bksh->bkgts", qg, k_cache.astype(dtype),
+                       preferred_element_type=jnp.float32) / math.sqrt(Dh)
+        s = jnp.where(attn_mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(dtype)
+        o = jnp.einsum("bkgts,bksh->bkgth", p, v_cache.astype(dtype))
+        attn = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Dh)
     attn_out = jnp.einsum("btnh,nhd->btd", attn, lp["o"]["kernel"].astype(dtype))
     if "bias" in lp["o"]:
         attn_out = attn_out + lp["o"]["bias"].astype(dtype)
@@ -276,20 +291,39 @@ def forward(
 
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.n_layers)
     kv_in = None if cache is None else (cache["k"], cache["v"])
-    if cfg.scan_layers:
+    if cfg.scan_layers and kv_in is not None:
+        # The cache rides in the scan carry and each layer writes its new entries in place:
+        # returning per-layer caches as scan outputs would copy the whole cache every step.
+        def body(carry, xs):
+            x, kc, vc = carry
+            lp, rng, i = xs
+            x, (k_l, v_l) = block(lp, x, (kc[i], vc[i]), rng)
+            # Write back only the T new entries, cut from the block's updated slice: XLA then
+            # updates the carry in place (writing entries computed apart from that slice made
+            # it copy the whole cache every step, 4x slower at 1M parameters).
+            k_new = jax.lax.dynamic_slice_in_dim(k_l, cache_index, T, 2)
+            v_new = jax.lax.dynamic_slice_in_dim(v_l, cache_index, T, 2)
+            kc = jax.lax.dynamic_update_slice(kc, k_new[None], (i, 0, 0, cache_index, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v_new[None], (i, 0, 0, cache_index, 0))
+            return (x, kc, vc), None
+        (x, kc, vc), _ = jax.lax.scan(
+            body, (x, kv_in[0], kv_in[1]), (params["layers"], layer_rngs, jnp.arange(cfg.n_layers)))
+        new_kv = (kc, vc)
+    elif cfg.scan_layers:
         def body(x, xs):
-            lp, kv, rng = xs
-            x, new_kv = block(lp, x, kv, rng)
-            return x, new_kv
-        x, new_kv = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs))
+            lp, rng = xs
+            x, _ = block(lp, x, None, rng)
+            return x, None
+        x, _ = jax.lax.scan(body, x, (params["layers"], layer_rngs))
+        new_kv = None
     else:
-        outs = []
+        new_kv = kv_in
         for i in range(cfg.n_layers):
             lp = jax.tree.map(lambda a: a[i], params["layers"])
-            kv = None if kv_in is None else (kv_in[0][i], kv_in[1][i])
+            kv = None if kv_in is None else (new_kv[0][i], new_kv[1][i])
             x, nkv = block(lp, x, kv, None if layer_rngs is None else layer_rngs[i])
-            outs.append(nkv)
-        new_kv = None if kv_in is None else tuple(jnp.stack(t) for t in zip(*outs))
+            if nkv is not None:
+                new_kv = tuple(c.at[i].set(n) for c, n in zip(new_kv, nkv))
 
     hidden = _norm(cfg, params["final_norm"], x)
     out: dict[str, jax.Array] = {"hidden": hidden}
@@ -313,14 +347,14 @@ def forward(
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
-    """An empty KV cache: k, v [layers, B, S, kv_heads, head_dim] and a key-valid mask [B, S]."""
+    """An empty KV cache: k, v [layers, B, kv_heads, S, head_dim] and a key-valid mask [B, S]."""
     dt = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dim_per_head)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "mask": jnp.zeros((batch, max_len), bool)}
 
 
 CACHE_AXES = {
-    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "length", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
     "mask": ("batch", "length"),
 }
