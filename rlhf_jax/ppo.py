@@ -84,13 +84,13 @@ def kl_estimators(logp: jax.Array, logp_ref: jax.Array) -> dict[str, jax.Array]:
 
 
 def last_token_index(response_mask: jax.Array) -> jax.Array:
-    """Index of each row's last response token (the EOS when it ended), in the response block.
+    """Index of each response's last real token (its EOS, or its last token when cut).
 
-    Responses are right-aligned after the prompt and mask 1 up to and including the first EOS
-    (the sampler's contract), so the last real token is at `sum(mask) - 1`; this does not depend
-    on how the prompt was padded (pitfall 1). Rows with an empty mask get index 0.
+    The one reward-reading rule of the project, `rm.reward_index`, applied to the response mask,
+    so the per-token reward lands where the RM read its score (pitfall 1). Rows with an empty
+    mask get index 0.
     """
-    return jnp.maximum(jnp.sum(response_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return rm.reward_index(response_mask)
 
 
 def apply_eos_trick(scores: jax.Array, ended: jax.Array, no_eos_score: float | None) -> jax.Array:
