@@ -8,6 +8,11 @@
    one token (the last prompt token at `i = 0`, then the token sampled at step `i - 1`) at cache
    slot `P - 1 + i`, reads its logits and samples the next token. The loop stops early once
    every row has produced EOS; the output arrays always have `max_new_tokens` columns.
+3. **Growing cache.** The decode loop runs in phases of 8, 8, 16, 32, ... steps; each phase's
+   cache holds only the slots filled by its end, so a step's attention reads at most twice the
+   slots in use rather than the whole cache (attention over the cache is memory-bound: on CPU
+   this made sampling ~1.5x faster at 1M parameters). The weights are laid out once per call
+   for the decode steps (`models.decode_params`: per-layer, q/k/v and gate/up stacked).
 
 Feeding the last prompt token inside the loop, rather than taking its logits from the prefill,
 keeps the LM head out of the prefill (it would cost `P x vocab` per row for one useful row).
@@ -42,7 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding
-from rlhf_jax.models import CACHE_AXES, ModelConfig, forward, init_cache, positions_from_mask
+from rlhf_jax.models import (
+    ModelConfig, cache_axes, decode_params, forward, init_cache, positions_from_mask,
+)
+from rlhf_jax.models import grow_cache as grow_cache_to
 
 __all__ = ["SampleOutput", "generate", "sample_logits"]
 
@@ -86,6 +94,7 @@ def _inverse_cdf_sample(rng: jax.Array, logits: jax.Array) -> jax.Array:
     # rounding makes u * total == total.
     u = jnp.minimum(u, jnp.nextafter(total, jnp.zeros_like(total)))
     return jnp.sum(cdf <= u, axis=-1)
+
 
 
 def sample_logits(
@@ -172,6 +181,31 @@ def _check_args(cfg, prompt_tokens, prompt_mask, max_new_tokens, temperature, to
             )
 
 
+# The decode loop runs in phases of 8, 8, 16, 32, ... steps (see `_phase_ends`).
+_FIRST_PHASE = 8
+
+
+def _phase_ends(n: int, grow_cache: bool) -> tuple[int, ...]:
+    """The decode step at which each phase ends: 8, 16, 32, ... and finally `n`.
+
+    A last phase shorter than half the one before is merged into it (no tiny extra compile).
+    """
+    if not grow_cache:
+        return (n,)
+    ends, end = [], _FIRST_PHASE
+    while end * 3 < 2 * n:  # end < n / 1.5
+        ends.append(end)
+        end *= 2
+    return (*ends, n)
+
+
+def _normalize_rules(rules):
+    """Sharding rules as nested tuples, hashable for jit's static arguments."""
+    if rules is None:
+        return None
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in rules)
+
+
 def generate(
     cfg: ModelConfig,
     params: dict,
@@ -187,6 +221,7 @@ def generate(
     top_p: float = 1.0,
     cache_dtype: str | None = None,
     early_exit: bool = True,
+    grow_cache: bool = True,
     return_logits: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
@@ -198,12 +233,16 @@ def generate(
     ...))`). All settings are static: each new combination compiles once and is cached.
     `temperature=0` is greedy; `top_k=0` and `top_p=1` turn those filters off.
     `cache_dtype` defaults to the model's compute dtype. `early_exit` stops the loop when every
-    row has ended (results are identical either way). The output is deterministic for a given
-    `rng` (and the same on any mesh, up to float rounding).
+    row has ended (results are identical either way). `grow_cache` runs the decode loop in
+    phases (8, 8, 16, 32, ... steps) whose KV cache holds only the slots filled by the phase's
+    end, so early steps do not attend over the whole cache; each phase compiles its own loop,
+    so `False` (one loop over the full cache) compiles faster for long outputs of large models.
+    Results are identical either way. The output is deterministic for a given `rng` (and the
+    same on any mesh, up to float rounding).
 
     Under a mesh, pass params and batch as sharded arrays (`sharding.logical_to_shardings`,
     `sharding.host_to_global`); with `mesh=` (and the run's `rules`) the KV cache is pinned to
-    its logical layout `models.CACHE_AXES` (batch over data×fsdp, kv_heads over tensor) instead
+    its logical layout `models.cache_axes` (batch over data×fsdp, kv_heads over tensor) instead
     of being left to the compiler.
     """
     prompt_tokens = jnp.asarray(prompt_tokens) if isinstance(prompt_tokens, np.ndarray) else prompt_tokens
@@ -211,43 +250,42 @@ def generate(
                 eos_id, pad_id)
     if not cfg.tie_embeddings and "lm_head" not in params:
         raise ValueError("generate: params have no 'lm_head' (init with heads=('lm', ...))")
-    cache_shardings = None
-    if mesh is not None:
-        shapes = jax.eval_shape(lambda: init_cache(
-            cfg, prompt_tokens.shape[0], prompt_tokens.shape[1] + max_new_tokens - 1, cache_dtype))
-        tree = sharding.logical_to_shardings(CACHE_AXES, mesh, rules, shapes=shapes)
-        cache_shardings = tuple(sorted(tree.items()))  # hashable: it is a static argument
     return _generate(
-        cfg, params, prompt_tokens, prompt_mask, rng, cache_shardings=cache_shardings,
+        cfg, params, prompt_tokens, prompt_mask, rng, mesh=mesh, rules=_normalize_rules(rules),
         max_new_tokens=int(max_new_tokens), eos_id=int(eos_id), pad_id=int(pad_id),
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        cache_dtype=cache_dtype, early_exit=bool(early_exit), return_logits=bool(return_logits),
+        cache_dtype=cache_dtype, early_exit=bool(early_exit), grow_cache=bool(grow_cache),
+        return_logits=bool(return_logits),
     )
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
     "max_new_tokens", "eos_id", "pad_id", "temperature", "top_k", "top_p", "cache_dtype",
-    "early_exit", "return_logits", "cache_shardings"))
+    "early_exit", "grow_cache", "return_logits", "mesh", "rules"))
 def _generate(cfg, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens, eos_id, pad_id,
-              temperature, top_k, top_p, cache_dtype, early_exit, return_logits, cache_shardings):
+              temperature, top_k, top_p, cache_dtype, early_exit, grow_cache, return_logits,
+              mesh, rules):
     B, P = prompt_tokens.shape
     N = max_new_tokens
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(bool)
     prompt_positions = positions_from_mask(prompt_mask)
     n_prompt = prompt_mask.sum(axis=-1, dtype=jnp.int32)
+    # Per-layer, pre-stacked weights, made once here rather than in every decode step.
+    params = decode_params(cfg, params)
 
-    # The last sampled token is never fed back, so P + N - 1 slots suffice.
-    cache = init_cache(cfg, B, P + N - 1, cache_dtype)
-    if cache_shardings is not None:
-        cache = jax.lax.with_sharding_constraint(cache, dict(cache_shardings))
+    def pin(cache):
+        if mesh is None:
+            return cache
+        shardings = sharding.logical_to_shardings(cache_axes(cfg), mesh, rules, shapes=cache)
+        return jax.lax.with_sharding_constraint(cache, shardings)
+
+    ends = _phase_ends(N, grow_cache)
+    # The last sampled token is never fed back, so a phase ending at step e needs P - 1 + e slots.
+    cache = pin(init_cache(cfg, B, P - 1 + ends[0], cache_dtype))
     if P > 1:
         cache = forward(cfg, params, prompt_tokens[:, :-1], prompt_positions[:, :-1],
                         prompt_mask[:, :-1], cache=cache, cache_index=0, want_logits=False)["cache"]
-
-    def cond(carry):
-        i, done = carry[0], carry[3]
-        return (i < N) & ~jnp.all(done) if early_exit else i < N
 
     def body(carry):
         i, cache, cur, done, tokens, logprobs, mask, logits_buf = carry
@@ -267,18 +305,24 @@ def _generate(cfg, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens, e
         if return_logits:
             logits_buf = jax.lax.dynamic_update_slice_in_dim(logits_buf, logits[:, None], i, 1)
         done = done | (token == eos_id)
-        cache = out["cache"]
-        if cache_shardings is not None:
-            cache = jax.lax.with_sharding_constraint(cache, dict(cache_shardings))
-        return i + 1, cache, token, done, tokens, logprobs, mask, logits_buf
+        return i + 1, pin(out["cache"]), token, done, tokens, logprobs, mask, logits_buf
 
-    init = (
+    carry = (
         jnp.int32(0), cache, prompt_tokens[:, -1], jnp.zeros((B,), bool),
         jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
         jnp.zeros((B, N), bool),
         jnp.zeros((B, N, cfg.vocab_size), jnp.float32) if return_logits else None,
     )
-    _, _, _, done, tokens, logprobs, mask, logits_buf = jax.lax.while_loop(cond, body, init)
+    for phase, end in enumerate(ends):
+        if phase:  # room for this phase's slots; attention reads only these
+            carry = (carry[0], pin(grow_cache_to(carry[1], P - 1 + end)), *carry[2:])
+
+        def cond(carry, end=end):
+            i, done = carry[0], carry[3]
+            return (i < end) & ~jnp.all(done) if early_exit else i < end
+
+        carry = jax.lax.while_loop(cond, body, carry)
+    _, _, _, done, tokens, logprobs, mask, logits_buf = carry
 
     seq_mask = jnp.concatenate([prompt_mask, mask], axis=1)
     return SampleOutput(

@@ -118,6 +118,53 @@ def test_kv_cache_decode_equals_full_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+def test_decode_params_give_the_same_numbers(arch):
+    """The sampler's layout (per-layer trees, q/k/v or k/v and gate/up stacked) is the same
+    model: same logits with and without a KV cache, and the stacked kernels are really used."""
+    cfg = _cfg(arch)
+    params = _params(cfg)
+    dec = models.decode_params(cfg, params)
+    assert isinstance(dec["layers"], tuple) and len(dec["layers"]) == cfg.n_layers
+    group = "kv" if arch == "llama" else "qkv"  # llama here is GQA
+    assert dec["layers"][1][group]["kernel"].shape[:2] == (cfg.d_model, len(group))
+    assert ("gate_up" in dec["layers"][0]) == (arch == "llama")
+    np.testing.assert_array_equal(dec["layers"][1]["k"]["kernel"], params["layers"]["k"]["kernel"][1])
+    tokens, mask = _left_pad(ROWS, 9)
+    np.testing.assert_allclose(_logits(cfg, dec, tokens, mask), _logits(cfg, params, tokens, mask),
+                               atol=2e-5, rtol=1e-5)
+    # One stacked matmul per group and layer instead of 2-3 separate ones (unrolled both ways).
+    fwd = lambda p: models.forward(cfg.replace(scan_layers=False), p, jnp.asarray(tokens[:, :1]), jnp.zeros((len(ROWS), 1), jnp.int32),  # noqa: E731
+                                   jnp.ones((len(ROWS), 1), bool))["logits"]
+    n_dots = lambda p: str(jax.make_jaxpr(fwd)(p)).count("dot_general")  # noqa: E731
+    assert n_dots(params) - n_dots(dec) == 2 * cfg.n_layers
+    # With a cache (how the sampler calls it).
+    cache = models.init_cache(cfg, len(ROWS), 12)
+    run = jax.jit(lambda p, c: models.forward(cfg, p, jnp.asarray(tokens), models.positions_from_mask(
+        jnp.asarray(mask)), jnp.asarray(mask), cache=c, cache_index=0))
+    a, b = run(dec, cache), run(params, cache)
+    np.testing.assert_allclose(np.asarray(a["logits"]), np.asarray(b["logits"]), atol=2e-5, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a["cache"]), jax.tree.leaves(b["cache"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-5)
+
+
+def test_grow_cache_keeps_entries_and_masks_new_slots():
+    cfg = _cfg("llama")
+    cache = models.init_cache(cfg, 3, 4)
+    assert len(cache["k"]) == cfg.n_layers and cache["k"][0].shape == (3, cfg.kv_heads, 4, cfg.dim_per_head)
+    filled = jax.tree.map(lambda a: jnp.ones_like(a), cache)
+    grown = models.grow_cache(filled, 7)
+    assert grown["k"][1].shape == (3, cfg.kv_heads, 7, cfg.dim_per_head)
+    assert np.all(np.asarray(grown["v"][0])[:, :, :4] == 1) and np.all(np.asarray(grown["v"][0])[:, :, 4:] == 0)
+    assert np.asarray(grown["mask"]).tolist() == [[True] * 4 + [False] * 3] * 3
+    # The axes tree matches the cache tree (what the sampler pins under a mesh).
+    axes = models.cache_axes(cfg)
+    jax.tree.map(lambda ax, a: None if len(ax) == a.ndim else pytest.fail(f"{ax} vs {a.shape}"),
+                 axes, grown, is_leaf=sharding.is_axes_leaf)
+    with pytest.raises(ValueError, match="already holds 7 > 5"):
+        models.grow_cache(grown, 5)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 def test_left_padded_rows_match_rows_alone(arch):
     cfg = _cfg(arch)
     params = _params(cfg)

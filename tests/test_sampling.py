@@ -59,6 +59,43 @@ def test_cache_logits_match_full_forward(arch):
     np.testing.assert_allclose(np.asarray(out.logits)[m], np.asarray(ref)[m], atol=2e-4, rtol=1e-4)
 
 
+def test_phase_schedule():
+    """Decode phases of 8, 8, 16, 32, ... steps; a short tail joins the phase before it."""
+    assert sampling._phase_ends(64, True) == (8, 16, 32, 64)
+    assert sampling._phase_ends(65, True) == (8, 16, 32, 65)
+    assert sampling._phase_ends(100, True) == (8, 16, 32, 64, 100)
+    assert sampling._phase_ends(13, True) == (8, 13)
+    assert sampling._phase_ends(12, True) == (12,)
+    assert sampling._phase_ends(1, True) == (1,)
+    assert sampling._phase_ends(64, False) == (64,)
+
+
+@pytest.mark.parametrize("arch,early_exit", [("llama", True), ("gpt2", False)])
+def test_growing_cache_equals_one_full_cache(arch, early_exit):
+    """Phases whose cache holds only the slots in use give what one loop over the whole cache
+    gives: same tokens, masks, log-probs and logits across the phase boundaries."""
+    cfg = _cfg(arch)
+    params = _params(cfg, seed=4)
+    toks, mask = _left_pad(PROMPTS, 9)
+    kw = dict(max_new_tokens=40, eos_id=63, pad_id=0, temperature=0.9, top_k=20,
+              early_exit=early_exit, return_logits=True)
+    outs = {grow: sampling.generate(cfg, params, toks, mask, jax.random.key(7), grow_cache=grow, **kw)
+            for grow in (True, False)}
+    a, b = outs[True], outs[False]
+    m = np.asarray(a.mask, bool)
+    assert m[:, 20:].sum() > 20  # rows run well past the 8- and 16-step phase boundaries
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(a.logits)[m], np.asarray(b.logits)[m], atol=1e-4, rtol=1e-5)
+
+    def n_loops(grow):  # phases (8, 16, 40): three decode loops; without growing: one
+        jaxpr = jax.make_jaxpr(lambda p: sampling.generate(
+            cfg, p, toks, mask, jax.random.key(7), grow_cache=grow, **kw).tokens)(params)
+        return str(jaxpr).count("while[")
+    assert (n_loops(True), n_loops(False)) == (3, 1)
+
+
 @pytest.mark.parametrize("arch,temperature,top_k,top_p", [
     ("llama", 0.7, 0, 1.0), ("llama", 1.3, 8, 0.9), ("gpt2", 0.5, 0, 0.8), ("llama", 0.0, 0, 1.0),
 ])

@@ -16,11 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import PRESETS, ModelConfig, preset
-from rlhf_jax.models.transformer import CACHE_AXES, Transformer, forward, init_cache
+from rlhf_jax.models.transformer import (
+    Transformer, cache_axes, decode_params, forward, grow_cache, init_cache,
+)
 
 __all__ = [
-    "CACHE_AXES", "PRESETS", "ModelConfig", "Transformer", "forward", "init_cache", "init_params",
-    "param_axes", "param_count", "positions_from_mask", "preset", "trunk", "TRUNK_EXCLUDES",
+    "PRESETS", "ModelConfig", "Transformer", "cache_axes", "decode_params", "forward", "grow_cache",
+    "init_cache", "init_params", "param_axes", "param_count", "positions_from_mask", "preset",
+    "trunk", "TRUNK_EXCLUDES",
 ]
 
 # Top-level entries that are heads, not trunk.

@@ -261,8 +261,8 @@ def _t(xs):
 
 
 def _rules(cfg: ModelConfig, prefix: str) -> list[_Rule]:
-    L, D, H, KV, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads,
-                             cfg.dim_per_head, cfg.ff_dim, cfg.vocab_size)
+    D, H, KV, Dh, F, V = (cfg.d_model, cfg.n_heads, cfg.kv_heads,
+                          cfg.dim_per_head, cfg.ff_dim, cfg.vocab_size)
     R = _Rule
     rules: list[_Rule] = []
     if cfg.is_gpt2:

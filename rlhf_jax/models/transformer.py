@@ -6,7 +6,8 @@ steps (`forward(cfg, params, ...)`) and from the module (`Transformer.__call__`)
 
 Every per-layer parameter is stacked along a leading `layers` axis. `scan_layers=True` runs the
 blocks with `lax.scan` (one compiled block, fast compiles); `False` unrolls a Python loop over
-the same arrays, so checkpoints never depend on that choice.
+the same arrays, so checkpoints never depend on that choice. Calls with a KV cache (sampling)
+always unroll: each layer's cache is its own buffer, updated in place.
 """
 
 from __future__ import annotations
@@ -148,24 +149,44 @@ def _dense(p: Params, x: jax.Array, spec: str, dtype) -> jax.Array:
 
 
 # Below this many tokens per call (decode steps), projections stay separate matmuls: stacking
-# their kernels copies the weights, which then costs more than one wider matmul saves.
+# their kernels copies the weights, which then costs more than one wider matmul saves. The
+# sampler instead stacks them once per call, outside its decode loop (`decode_params`).
 _FUSE_MIN_TOKENS = 256
 
+# Same-shaped projections that run as one matmul, and the name of their stacked kernel.
+_GROUPS = {"qkv": ("q", "k", "v"), "kv": ("k", "v"), "gate_up": ("gate", "up")}
 
-def _dense_group(ps: list[Params], x: jax.Array, dtype) -> list[jax.Array]:
-    """Same-shaped projections of `x` (q/k/v, gate/up) as one matmul over kernels stacked at run time.
 
-    The parameter tree is unchanged. A new axis (not a concatenation along heads/mlp) keeps each
-    kernel's sharding intact, so no collective is needed. On CPU this runs ~20% faster under
-    autodiff: one wider matmul, and the backward writes one stacked gradient that XLA transposes
-    with a plain copy instead of fusing the elementwise backward into a strided transposing copy.
+def _stack_group(ps: list[Params]) -> Params:
+    """Kernels [D, ...] of same-shaped projections stacked on a new axis 1: [D, c, ...].
+
+    A new axis (not a concatenation along heads/mlp) keeps each kernel's sharding intact, so no
+    collective is needed.
     """
-    if len(ps) == 1 or x.shape[0] * x.shape[1] < _FUSE_MIN_TOKENS:
-        return [_dense(p, x, "btd,d...->bt...", dtype) for p in ps]
-    w = jnp.stack([p["kernel"] for p in ps], axis=1).astype(dtype)  # [D, c, ...]
-    y = jnp.einsum("btd,dc...->btc...", x, w)
+    group = {"kernel": jnp.stack([p["kernel"] for p in ps], axis=1)}
     if "bias" in ps[0]:
-        y = y + jnp.stack([p["bias"] for p in ps]).astype(dtype)
+        group["bias"] = jnp.stack([p["bias"] for p in ps])
+    return group
+
+
+def _dense_group(lp: Params, group: str, x: jax.Array, dtype) -> list[jax.Array]:
+    """The projections of `_GROUPS[group]` of `x`, as one matmul over their stacked kernels.
+
+    The parameter tree is unchanged: kernels are stacked at run time, or taken pre-stacked from
+    `lp[group]` when `decode_params` put them there. On CPU the stacked form runs ~20% faster
+    under autodiff: one wider matmul, and the backward writes one stacked gradient that XLA
+    transposes with a plain copy instead of fusing the elementwise backward into a strided
+    transposing copy.
+    """
+    ps = [lp[name] for name in _GROUPS[group]]
+    stacked = lp.get(group)
+    if stacked is None:
+        if x.shape[0] * x.shape[1] < _FUSE_MIN_TOKENS:
+            return [_dense(p, x, "btd,d...->bt...", dtype) for p in ps]
+        stacked = _stack_group(ps)
+    y = jnp.einsum("btd,dc...->btc...", x, stacked["kernel"].astype(dtype))
+    if "bias" in stacked:
+        y = y + stacked["bias"].astype(dtype)
     return [y[:, :, i] for i in range(len(ps))]
 
 
@@ -182,10 +203,10 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
     dtype = jnp.dtype(cfg.dtype)
     h = _norm(cfg, lp["attn_norm"], x)
     if cfg.kv_heads == cfg.n_heads:
-        q, k, v = _dense_group([lp["q"], lp["k"], lp["v"]], h, dtype)
+        q, k, v = _dense_group(lp, "qkv", h, dtype)
     else:  # grouped-query attention: q has more heads than k/v
         q = _dense(lp["q"], h, "btd,dnh->btnh", dtype)
-        k, v = _dense_group([lp["k"], lp["v"]], h, dtype)
+        k, v = _dense_group(lp, "kv", h, dtype)
     if not cfg.is_gpt2:
         q = _rope(q, positions, cfg.rope_theta)
         k = _rope(k, positions, cfg.rope_theta)
@@ -201,7 +222,7 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new, cache_index, 2)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new, cache_index, 2)
-        new_kv = (k_cache, v_cache)  # this layer's updated slice [B, kv_heads, S, head_dim]
+        new_kv = (k_cache, v_cache)  # this layer's updated buffers
         B, T, N, Dh = q.shape
         KV = k_cache.shape[1]
         qg = q.reshape(B, T, KV, N // KV, Dh).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, Dh]
@@ -221,7 +242,7 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         m = jax.nn.gelu(_dense(lp["fc_in"], h, "btd,df->btf", dtype), approximate=True)
         m = _dense(lp["fc_out"], m, "btf,fd->btd", dtype)
     else:
-        gate, up = _dense_group([lp["gate"], lp["up"]], h, dtype)
+        gate, up = _dense_group(lp, "gate_up", h, dtype)
         m = _dense(lp["down"], jax.nn.silu(gate) * up, "btf,fd->btd", dtype)
     x = x + _dropout(m, cfg.dropout, r2)
     return x, new_kv
@@ -260,7 +281,7 @@ def forward(
     work); `positions` are the position ids (`cumsum(mask) - 1` for left-padded rows).
     segment_ids: [B, T] for packed rows (no attention across segments).
     cache: from `init_cache`; the T new tokens are written at slots `cache_index ...` and attend
-    to every earlier valid slot. Returns {"hidden", "logits"?, "scores"?, "cache"?}.
+    to every earlier valid slot. `params` may be the `decode_params` layout. Returns {"hidden", "logits"?, "scores"?, "cache"?}.
     """
     dtype = jnp.dtype(cfg.dtype)
     B, T = tokens.shape
@@ -290,40 +311,25 @@ def forward(
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.n_layers)
-    kv_in = None if cache is None else (cache["k"], cache["v"])
-    if cfg.scan_layers and kv_in is not None:
-        # The cache rides in the scan carry and each layer writes its new entries in place:
-        # returning per-layer caches as scan outputs would copy the whole cache every step.
-        def body(carry, xs):
-            x, kc, vc = carry
-            lp, rng, i = xs
-            x, (k_l, v_l) = block(lp, x, (kc[i], vc[i]), rng)
-            # Write back only the T new entries, cut from the block's updated slice: XLA then
-            # updates the carry in place (writing entries computed apart from that slice made
-            # it copy the whole cache every step, 4x slower at 1M parameters).
-            k_new = jax.lax.dynamic_slice_in_dim(k_l, cache_index, T, 2)
-            v_new = jax.lax.dynamic_slice_in_dim(v_l, cache_index, T, 2)
-            kc = jax.lax.dynamic_update_slice(kc, k_new[None], (i, 0, 0, cache_index, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v_new[None], (i, 0, 0, cache_index, 0))
-            return (x, kc, vc), None
-        (x, kc, vc), _ = jax.lax.scan(
-            body, (x, kv_in[0], kv_in[1]), (params["layers"], layer_rngs, jnp.arange(cfg.n_layers)))
-        new_kv = (kc, vc)
-    elif cfg.scan_layers:
+    per_layer = isinstance(params["layers"], (list, tuple))  # from decode_params
+    new_k, new_v = [], []
+    if cfg.scan_layers and cache is None and not per_layer:
         def body(x, xs):
             lp, rng = xs
             x, _ = block(lp, x, None, rng)
             return x, None
         x, _ = jax.lax.scan(body, x, (params["layers"], layer_rngs))
-        new_kv = None
     else:
-        new_kv = kv_in
+        # Unrolled. With a cache, always: each layer's cache is its own buffer, updated in place
+        # (a scan would slice a stacked cache per layer, copying it every step: the slowest part
+        # of a decode step on CPU).
         for i in range(cfg.n_layers):
-            lp = jax.tree.map(lambda a: a[i], params["layers"])
-            kv = None if kv_in is None else (new_kv[0][i], new_kv[1][i])
+            lp = params["layers"][i] if per_layer else jax.tree.map(lambda a: a[i], params["layers"])
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
             x, nkv = block(lp, x, kv, None if layer_rngs is None else layer_rngs[i])
             if nkv is not None:
-                new_kv = tuple(c.at[i].set(n) for c, n in zip(new_kv, nkv))
+                new_k.append(nkv[0])
+                new_v.append(nkv[1])
 
     hidden = _norm(cfg, params["final_norm"], x)
     out: dict[str, jax.Array] = {"hidden": hidden}
@@ -342,19 +348,56 @@ def forward(
             + sh["bias"].astype(jnp.float32)
         )
     if cache is not None:
-        out["cache"] = {"k": new_kv[0], "v": new_kv[1], "mask": key_mask}
+        out["cache"] = {"k": tuple(new_k), "v": tuple(new_v), "mask": key_mask}
     return out
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
-    """An empty KV cache: k, v [layers, B, kv_heads, S, head_dim] and a key-valid mask [B, S]."""
+    """An empty KV cache: per layer, k and v [B, kv_heads, S, head_dim]; a key-valid mask [B, S].
+
+    `k` and `v` are tuples with one buffer per layer (not one stacked array), so a decode step
+    updates each layer's buffer in place instead of slicing and copying a stacked cache.
+    """
     dt = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dim_per_head)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "mask": jnp.zeros((batch, max_len), bool)}
+    shape = (batch, cfg.kv_heads, max_len, cfg.dim_per_head)
+    layers = lambda: tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))  # noqa: E731
+    return {"k": layers(), "v": layers(), "mask": jnp.zeros((batch, max_len), bool)}
 
 
-CACHE_AXES = {
-    "k": ("layers", "batch", "kv_heads", "length", "head_dim"),
-    "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
-    "mask": ("batch", "length"),
-}
+def grow_cache(cache: dict, max_len: int) -> dict:
+    """The same cache with room for `max_len` slots (new slots empty and masked out)."""
+    grow = max_len - cache["mask"].shape[1]
+    if grow < 0:
+        raise ValueError(f"grow_cache: the cache already holds {cache['mask'].shape[1]} > {max_len} slots")
+    pad = lambda a, axis: jnp.pad(a, [(0, grow if d == axis else 0) for d in range(a.ndim)])  # noqa: E731
+    return {"k": tuple(pad(a, 2) for a in cache["k"]), "v": tuple(pad(a, 2) for a in cache["v"]),
+            "mask": pad(cache["mask"], 1)}
+
+
+# Logical axes of one layer's k or v buffer, and of the key mask.
+CACHE_LAYER_AXES = ("batch", "kv_heads", "length", "head_dim")
+CACHE_MASK_AXES = ("batch", "length")
+
+
+def cache_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every `init_cache` array, as a tree of the same structure."""
+    layers = (CACHE_LAYER_AXES,) * cfg.n_layers
+    return {"k": layers, "v": layers, "mask": CACHE_MASK_AXES}
+
+
+def decode_params(cfg: ModelConfig, params: Params) -> Params:
+    """`params` laid out for many small forward calls (a sampler's decode steps).
+
+    Layers become a tuple of per-layer trees, with q/k/v (or k/v) and gate/up kernels stacked
+    into one matmul each. Call it once, outside the decode loop: inside, every step would slice
+    and stack the weights again. Same math as `params`; `forward` takes either.
+    """
+    attn_group = "qkv" if cfg.kv_heads == cfg.n_heads else "kv"
+    layers = []
+    for i in range(cfg.n_layers):
+        lp = jax.tree.map(lambda a: a[i], params["layers"])
+        lp[attn_group] = _stack_group([lp[n] for n in _GROUPS[attn_group]])
+        if not cfg.is_gpt2:
+            lp["gate_up"] = _stack_group([lp["gate"], lp["up"]])
+        layers.append(lp)
+    return dict(params, layers=tuple(layers))
