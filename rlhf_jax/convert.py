@@ -9,12 +9,16 @@ and `tokenizer_dir`), so any stage can start from it with `--config.init_from=WO
 `orbax-to-hf` exports a stage's final params to a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads; the tokenizer files are copied from
 the stage's `tokenizer_dir` (or --tokenizer-dir) and its BOS/EOS/PAD ids written into
-config.json. A score head (reward / value model) goes to `score_head.safetensors` beside it.
+config.json. A score head (reward / value model) goes to `score_head.safetensors` beside it,
+and a reward model's `reward_norm` (the gain/bias PPO applies to its scores) to
+`reward_norm.json`; `hf-to-orbax` reads both back, so an exported RM scores the same after a
+round trip.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,6 +31,9 @@ from rlhf_jax.models import hf
 from rlhf_jax.models.config import DTYPES
 
 log = logging.getLogger(__name__)
+
+# A reward model's score normalisation (stage metadata `reward_norm`), beside the score head.
+REWARD_NORM_FILE = "reward_norm.json"
 
 # Files that make a directory loadable by `AutoTokenizer.from_pretrained`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -63,6 +70,13 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = "float32") -> str:
         "init_from": f"hf:{src}",
         "heads": ["lm", "score"] if "score_head" in params else ["lm"],
     }
+    norm_path = os.path.join(src, REWARD_NORM_FILE)
+    if os.path.exists(norm_path):
+        with open(norm_path) as f:
+            norm = json.load(f)
+        if not (isinstance(norm, dict) and {"gain", "bias"} <= set(norm)):
+            raise ValueError(f"{norm_path} must hold a JSON object with 'gain' and 'bias'")
+        meta["reward_norm"] = norm
     if meta["tokenizer_dir"] is None:
         log.warning("%s has no tokenizer files; stages starting from %s need --config.tokenizer",
                     src, dst)
@@ -98,6 +112,9 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str
     else:
         log.warning("no tokenizer_dir in %s's metadata and no --tokenizer-dir: exporting weights only", src)
     hf.save_hf(cfg, params, dst, tokenizer_dir=tokenizer_dir, extra_config=extra)
+    if meta.get("reward_norm") is not None:
+        with open(os.path.join(dst, REWARD_NORM_FILE), "w") as f:
+            json.dump(dict(meta["reward_norm"]), f, indent=2)
     if verify:
         # Read the export back with our importer: every tensor must come back bit for bit.
         cfg2, back = hf.load_hf(dst)

@@ -363,7 +363,8 @@ def test_convert_cli_hf_to_orbax_to_hf(hf_dirs, tmp_path, capsys):
     # A reward-model stage output (score head added) back to Hugging Face.
     rm_work = str(tmp_path / "rm_work")
     head = {"kernel": np.linspace(-1, 1, cfg.d_model).astype(np.float32), "bias": np.float32(0.5)}
-    checkpoint.save_final(rm_work, {**params, "score_head": head}, meta, step=7)
+    norm = {"gain": 0.25, "bias": -1.5, "method": "reference_samples"}
+    checkpoint.save_final(rm_work, {**params, "score_head": head}, {**meta, "reward_norm": norm}, step=7)
     out = str(tmp_path / "hf_out")
     assert convert.main(["orbax-to-hf", "--src", rm_work, "--dst", out]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -377,6 +378,11 @@ def test_convert_cli_hf_to_orbax_to_hf(hf_dirs, tmp_path, capsys):
                                   _torch_logits(model, tokens, mask, positions)[real])
     _, back = hf.load_hf(out)
     np.testing.assert_array_equal(np.asarray(back["score_head"]["kernel"]), head["kernel"])
+    # The RM's score normalisation survives the round trip (PPO reads it from the metadata).
+    assert json.load(open(os.path.join(out, convert.REWARD_NORM_FILE))) == norm
+    rm_back = str(tmp_path / "rm_back")
+    assert convert.main(["hf-to-orbax", "--src", out, "--dst", rm_back]) == 0
+    assert checkpoint.load_stage_params(rm_back)[1]["reward_norm"] == norm
 
     # bf16 export on request; a directory that is not a finished stage is a clear error.
     out16 = str(tmp_path / "hf_bf16")
