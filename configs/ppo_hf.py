@@ -26,7 +26,7 @@ from rlhf_jax import config_utils
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(preset, ("smoke", "format", "steps", "preset"), __file__)
-    smoke = bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+    smoke = config_utils.is_smoke(preset)
     fmt = preset.get("format", "hh_rlhf")
 
     c = config_utils.base_config()

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(preset, ("steps", "smoke", "value_from", "kl_mode", "preset"),
                                    __file__)
-    smoke = bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+    smoke = config_utils.is_smoke(preset)
 
     c = config_utils.base_config()
     c.workdir = "runs/ppo_sim"

@@ -12,7 +12,7 @@ from configs import common
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(preset, ("model", "steps", "smoke", "preset"), __file__)
-    smoke = bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+    smoke = config_utils.is_smoke(preset)
     model = preset.get("model", "sim-0.4m")
 
     c = common.lm_stage_config(objective="pretrain", model=model, smoke=smoke)

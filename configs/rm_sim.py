@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
     config_utils.check_preset_keys(
         preset, ("smoke", "loss", "k", "norm", "candidates", "num_train", "judge", "preset"),
         __file__)
-    smoke = bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+    smoke = config_utils.is_smoke(preset)
 
     c = config_utils.base_config()
     c.workdir = "runs/rm_sim"

@@ -109,6 +109,11 @@ def check_preset_keys(preset: dict, allowed: Sequence[str], config_file: str = "
                          f"{sorted(allowed)}")
 
 
+def is_smoke(preset: dict) -> bool:
+    """`:smoke` or `:smoke=True`: the config's two-step smoke-test variant."""
+    return bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+
+
 def define_config_flag(name: str = "config", default: str | None = None,
                        help_string: str = "config file, e.g. configs/sft.py:model=small"):
     """`config_flags.DEFINE_config_file` with a locked config (for absl `app.run` entry points)."""

@@ -16,6 +16,8 @@ import pytest
 from rlhf_jax import checkpoint, config_utils, models, ppo
 from rlhf_jax.metrics import read_metrics
 
+from tests._hf_tiny import tiny_gpt2
+
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 NORM = {"gain": 2.0, "bias": 0.25, "method": "reference"}
@@ -122,32 +124,10 @@ def test_ppo_sim_value_head_kl_in_loss_ptx_fixed_beta(sim_dirs, tmp_path):
     assert train[1]["return"] == pytest.approx(train[1]["score"], rel=1e-5, abs=1e-6)
 
 
-def _tiny_gpt2(path: Path):
-    """A random 1-layer GPT-2 with a byte-level BPE tokenizer that has EOS and no pad token."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((FIX / "hh_rlhf.jsonl").read_text().splitlines(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(str(path))
-    torch.manual_seed(0)
-    eos = fast.eos_token_id
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=eos,
-        eos_token_id=eos)).save_pretrained(str(path))
-    return fast
-
-
 def test_ppo_hf_smoke(tmp_path):
     from rlhf_jax.models import hf
 
-    fast = _tiny_gpt2(tmp_path / "gpt2")
+    fast = tiny_gpt2(tmp_path / "gpt2")
     assert fast.pad_token_id is None  # pad == EOS: only masks tell them apart
     cfg, _ = hf.load_hf(str(tmp_path / "gpt2"), dtype="float32")
     _, rmd = _stage_dirs(tmp_path, cfg, tmp_path / "gpt2")

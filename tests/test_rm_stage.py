@@ -15,6 +15,13 @@ import pytest
 from rlhf_jax import checkpoint, config_utils, models, rm
 from rlhf_jax.data import tokenize
 
+from tests._hf_tiny import tiny_gpt2
+
+
+def _tiny_gpt2(path):
+    return tiny_gpt2(path, fixtures=("hh_rlhf.jsonl", "hh_rlhf_bad.jsonl"), vocab_size=400,
+                     n_positions=128, bos_is_eos=True)
+
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 
@@ -68,32 +75,6 @@ def test_rm_sim_smoke(tmp_path):
     gain, bias = meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
     np.testing.assert_allclose(np.asarray(normed), np.asarray(raw) * gain + bias,
                                rtol=1e-5, atol=1e-6)
-
-
-def _tiny_gpt2(path: Path):
-    """A random 1-layer GPT-2 and a byte-level BPE tokenizer (EOS, no pad) trained on fixtures."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = [line for f in ("hh_rlhf.jsonl", "hh_rlhf_bad.jsonl")
-            for line in (FIX / f).read_text().splitlines()]
-    tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                                bos_token="<|endoftext|>")
-    fast.save_pretrained(str(path))
-    torch.manual_seed(0)
-    eos = fast.eos_token_id
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(fast), n_positions=128, n_embd=32, n_layer=1, n_head=2,
-        bos_token_id=eos, eos_token_id=eos))
-    model.save_pretrained(str(path))
-    return fast
 
 
 def test_rm_hh_smoke(tmp_path):
