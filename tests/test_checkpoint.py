@@ -101,14 +101,22 @@ def test_opt_state_shardings_follow_params_and_replicate_scalars():
 
 
 KILL_MID_SAVE = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import jax, jax.numpy as jnp
     from rlhf_jax import checkpoint
     ckpt = checkpoint.Checkpointer(sys.argv[1], keep=3)
     ckpt.save(1, {"w": jnp.full((4,), 1.0), "big": jnp.zeros((8,), jnp.float32)}, {"epoch": 1})
     ckpt.wait()
-    # Step 2 is big enough (64 MB) that its background write cannot finish before the kill.
-    ckpt.save(2, {"w": jnp.full((4,), 2.0), "big": jnp.ones((16 * 2**20,), jnp.float32)})
+    # Step 2 is big (256 MB), so its background write is still going when the kill lands. Orbax
+    # may create the tmp dir in a background thread too: kill as soon as it exists, so the crash
+    # is mid-save (not before the save began, which is what made this test flaky).
+    ckpt.save(2, {"w": jnp.full((4,), 2.0), "big": jnp.ones((64 * 2**20,), jnp.float32)})
+    root = os.path.join(sys.argv[1], "checkpoints")
+    deadline = time.monotonic() + 60
+    while not any(n.startswith("2.orbax-checkpoint-tmp") for n in os.listdir(root)):
+        if time.monotonic() > deadline:
+            sys.exit("step 2's tmp dir never appeared")
+        time.sleep(0.001)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
