@@ -468,16 +468,17 @@ def policy_comparisons(policy_cfg, policy_params, tokenizer, prompts, rng, *, k,
     else:
         pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", flip_prob),))
     ranks, ids = pool.rank(gold, responses, np.random.default_rng([seed, 97]))
-    records = []
+    records, dropped = [], 0
     for i, p in enumerate(prompts):
         # Samples that came out identical carry no preference between them; drop such rows.
         if len(set(responses[i])) < 2:
+            dropped += 1
             continue
         records.append({"prompt": p, "responses": list(responses[i]),
                         "ranks": [int(r) for r in ranks[i]], "gold": [float(g) for g in gold[i]],
                         "kinds": ["policy"] * k, "annotator": str(int(ids[i])), "bucket": "policy",
                         "source": f"policy:{i}"})
-    return records, {"examples": len(records), "tau": float(tau),
+    return records, {"examples": len(records), "dropped_identical": dropped, "tau": float(tau),
                      "ended_frac": float(np.mean(s["ended"]))}
 
 

@@ -36,7 +36,8 @@ def _check_final(workdir, summary, method):
     return cfg, params, meta
 
 
-def test_rm_sim_smoke(tmp_path):
+def _sim_sft(tmp_path):
+    """A finished 'SFT' work dir of the simulated world: a tiny random policy."""
     from rlhf_jax.sim.tokenizer import world_tokenizer
 
     tok, tok_dir = world_tokenizer(0)
@@ -46,6 +47,11 @@ def test_rm_sim_smoke(tmp_path):
     sft_params = jax.device_get(models.init_params(cfg, jax.random.key(0), ("lm",)))
     checkpoint.save_final(sft, sft_params, {"model_config": cfg.to_dict(),
                                             "tokenizer_dir": str(tok_dir)}, 0)
+    return tok, cfg, sft, sft_params
+
+
+def test_rm_sim_smoke(tmp_path):
+    tok, cfg, sft, sft_params = _sim_sft(tmp_path)
     config = config_utils.parse_config_argv([
         "rm", f"--config={ROOT / 'configs' / 'rm_sim.py'}:smoke",
         f"--config.workdir={tmp_path / 'rm'}", f"--config.init_from={sft}"])
@@ -75,6 +81,48 @@ def test_rm_sim_smoke(tmp_path):
     gain, bias = meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
     np.testing.assert_allclose(np.asarray(normed), np.asarray(raw) * gain + bias,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_rm_sim_mixed_candidates_rank_policy_samples(tmp_path):
+    """candidates=mixed: half of each split's comparisons are the SFT policy's own samples,
+    sampled with config.policy_data and ranked by the simulated annotators."""
+    _, _, sft, _ = _sim_sft(tmp_path)
+    config = config_utils.parse_config_argv([
+        "rm", f"--config={ROOT / 'configs' / 'rm_sim.py'}:smoke,candidates=mixed",
+        f"--config.workdir={tmp_path / 'rm'}", f"--config.init_from={sft}"])
+    summary = rm.run(config)
+    data = summary["data"]
+    assert data["candidates"] == "mixed"
+    for split, n in (("train", 64), ("eval", 32)):
+        pol = data[split]["policy"]
+        assert pol["examples"] + pol["dropped_identical"] == n // 2
+        assert pol["examples"] > 0
+        # The world's half plus the policy half that survived: nothing else is lost.
+        assert data[split]["comparisons"] == n - n // 2 + pol["examples"]
+    n_eval = data["eval"]["comparisons"]
+    assert summary["held_out_pairs"] == n_eval * 6  # K = 4 for both halves
+    assert "policy" in summary["per_bucket"]
+    assert sum(v["pairs"] for v in summary["per_annotator"].values()) == summary["held_out_pairs"]
+
+
+def test_policy_comparisons_follow_the_sampling_settings(tmp_path):
+    from rlhf_jax.sim.judges import get_judge
+
+    tok, cfg, _, params = _sim_sft(tmp_path)
+    prompts = ["the movie was", "i think that", "this place is", "my friend said"]
+    records, stats = rm.policy_comparisons(
+        cfg, params, tok, prompts, jax.random.key(0), k=3, judge_name="vader",
+        target_agreement=0.73, flip_prob=0.0, pool_name="default", seed=0, max_prompt_len=8,
+        max_new_tokens=4, temperature=1.0, batch_size=8)
+    assert stats["examples"] + stats["dropped_identical"] == len(prompts)
+    assert len(records) == stats["examples"] > 0
+    for r in records:
+        assert r["prompt"] in prompts and len(r["responses"]) == 3
+        assert sorted(r["ranks"]) == [0, 1, 2] and r["kinds"] == ["policy"] * 3
+        # At most max_new_tokens tokens each (the sampler's setting reached it).
+        assert all(len(tok(x, add_special_tokens=False)["input_ids"]) <= 4 for x in r["responses"])
+        np.testing.assert_allclose(
+            r["gold"], get_judge("vader").score([r["prompt"]] * 3, r["responses"]), atol=1e-6)
 
 
 def test_rm_hh_smoke(tmp_path):
