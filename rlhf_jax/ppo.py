@@ -19,9 +19,8 @@ import dataclasses
 import functools
 import json
 import logging
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -849,12 +848,9 @@ def run(config) -> dict:
     return dict(trainer.summary)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    from rlhf_jax import config_utils
+def main(config) -> dict:
     from rlhf_jax.metrics import to_python
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = config_utils.parse_config_argv(sys.argv if argv is None else argv)
     summary = run(config)
     keys = ("sft", "ppo", "win_rate_vs_sft", "beta")
     print(json.dumps(to_python({k: summary[k] for k in keys if k in summary}), indent=2))
@@ -862,4 +858,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from rlhf_jax import config_utils
+
+    config_utils.run_with_config(main)

@@ -757,20 +757,17 @@ def run(config) -> dict:
     return out
 
 
-def main(argv):
+def main(config) -> dict:
     import json
 
-    del argv
-    summary = run(_CONFIG.value)
+    summary = run(config)
     keys = ("held_out_accuracy", "gold_ceiling_accuracy", "gap_to_ceiling", "judge_agreement",
             "reward_norm", "runtime_seconds")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
+    return summary
 
 
 if __name__ == "__main__":
-    from absl import app
-
     from rlhf_jax import config_utils
 
-    _CONFIG = config_utils.define_config_flag()
-    app.run(main)
+    config_utils.run_with_config(main)

@@ -131,3 +131,22 @@ def test_entry_point_exits_2_on_a_misspelled_override(tmp_path):
             "'batch_size'?") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module, config", [
+    ("rlhf_jax.sft", "configs/sft_sim.py"),
+    ("rlhf_jax.rm", "configs/rm_sim.py"),
+    ("rlhf_jax.ppo", "configs/ppo_sim.py"),
+    ("experiments.pipeline", "configs/pipeline_sim.py"),
+])
+def test_every_stage_entry_point_exits_2_naming_a_misspelled_field(module, config, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, f"--config={config}", f"--config.workdir={tmp_path / 'run'}",
+         "--config.seedd=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--config.seedd=1: config has no field 'seedd'; did you mean 'seed'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
