@@ -78,24 +78,33 @@ def leaf_fields(config, prefix=""):
             yield f"{prefix}{key}", (keys, key)
 
 
-def main(tests: list[str]) -> int:
+def unread_fields(tests: list[str], quiet: bool = False) -> tuple[int, dict[str, list[str]]]:
+    """Run `tests` with reads recorded; returns (pytest's exit code, {config: unread fields})."""
     with tempfile.TemporaryDirectory() as hook, tempfile.TemporaryDirectory() as out:
         Path(hook, "sitecustomize.py").write_text(SITECUSTOMIZE)
         env = {**os.environ, "CONFIG_READS_DIR": out,
                "PYTHONPATH": os.pathsep.join([hook, str(ROOT), os.environ.get("PYTHONPATH", "")])}
         env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              *tests], cwd=ROOT, env=env)
-        if rc:
-            print(f"pytest exited {rc}; the reads below are from the tests that ran")
+                              *tests], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL if quiet else None)
         reads = {(tuple(keys), key) for f in glob.glob(os.path.join(out, "*.json"))
                  for keys, key in json.loads(Path(f).read_text())}
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    unread = {}
     for name in CONFIGS:
-        fields = list(leaf_fields(importlib.import_module(f"configs.{name}").get_config()))
-        unread = [path for path, key in fields if key not in reads]
-        print(f"{name}: {len(fields)} fields, {len(unread)} never read"
-              + "".join(f"\n    {p}" for p in unread))
+        fields = leaf_fields(importlib.import_module(f"configs.{name}").get_config())
+        unread[name] = [path for path, key in fields if key not in reads]
+    return rc, unread
+
+
+def main(tests: list[str]) -> int:
+    rc, unread = unread_fields(tests)
+    if rc:
+        print(f"pytest exited {rc}; the reads below are from the tests that ran")
+    for name, fields in unread.items():
+        print(f"{name}: {len(fields)} never read" + "".join(f"\n    {p}" for p in fields))
     return rc
 
 
