@@ -49,8 +49,6 @@ def get_config(arg: str | None = None):
         candidates="dataset",  # real data: the responses in the files
         max_len=64 if smoke else 512,  # prompt is cut from the left to fit
     ))
-    c.policy_data = ml_collections.ConfigDict(dict(
-        max_prompt_len=32, max_new_tokens=16, temperature=1.0, batch_size=8))  # sim only
     c.loss = ml_collections.ConfigDict(dict(kind=preset.get("loss", "pairwise"), margin=0.0))
     c.norm = ml_collections.ConfigDict(dict(
         method=preset.get("norm", "reference"),  # reference (Ziegler) | demonstrations | none
