@@ -114,14 +114,6 @@ def is_smoke(preset: dict) -> bool:
     return bool(preset.get("smoke")) or preset.get("preset") == "smoke"
 
 
-def define_config_flag(name: str = "config", default: str | None = None,
-                       help_string: str = "config file, e.g. configs/sft.py:model=small"):
-    """`config_flags.DEFINE_config_file` with a locked config (for absl `app.run` entry points)."""
-    from ml_collections import config_flags
-
-    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
-
-
 def _parse(argv: list[str], name: str):
     from absl import flags
     from ml_collections import config_flags
