@@ -1,6 +1,6 @@
 """Which fields of the shipped configs does no smoke test ever read?
 
-    python scripts/unread_config_fields.py                 # the stage smoke tests (~8 min)
+    python scripts/unread_config_fields.py                 # the stage smoke tests (~5 min)
     python scripts/unread_config_fields.py tests/test_rm_stage.py
 
 A developer's check, not part of CI. It runs the given tests (default: every stage's smoke runs
