@@ -82,7 +82,7 @@ def compare_policies(config, dirs: dict[str, Path]) -> dict:
     """SFT vs PPO on the same held-out prompts: gold, proxy, KL from SFT, gold win rate."""
     from transformers import AutoTokenizer
 
-    from rlhf_jax import checkpoint, models, rm
+    from rlhf_jax import checkpoint, models, rewards
     from rlhf_jax.data import builders
     from rlhf_jax.evaluation import sample_texts, sequence_kl
     from rlhf_jax.sim.judges import get_judge
@@ -109,7 +109,7 @@ def compare_policies(config, dirs: dict[str, Path]) -> dict:
                          batch_size=config.eval.batch_size)
         seq_tokens = np.concatenate([s["prompt_tokens"], s["tokens"]], axis=1)
         seq_mask = np.concatenate([s["prompt_mask"], s["mask"]], axis=1)
-        proxy = rm.score_batches(rm_cfg, rm_params, seq_tokens, seq_mask, norm,
+        proxy = rewards.score_batches(rm_cfg, rm_params, seq_tokens, seq_mask, norm,
                                  batch_size=config.eval.batch_size)
         gold = np.asarray(gold_judge.score(prompts, s["responses"]), np.float64)
         # Sequence KL(policy || SFT), k1 on the policy's own samples (unbiased), with both

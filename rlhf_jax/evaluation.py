@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import models, sampling
+from rlhf_jax import models, ops, sampling
 from rlhf_jax.data import tokenize
 
 
@@ -104,10 +104,8 @@ def sequence_kl(cfg: models.ModelConfig, params, ref_params, seq_tokens, seq_mas
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _kl_jit(cfg, params, ref_params, tokens, mask, prompt_len, temperature):
-    from rlhf_jax import sft
-
-    lp, _ = sft.token_logprobs(cfg, params, tokens, mask, temperature=temperature)
-    lr, _ = sft.token_logprobs(cfg, ref_params, tokens, mask, temperature=temperature)
+    lp, _ = ops.token_logprobs(cfg, params, tokens, mask, temperature=temperature)
+    lr, _ = ops.token_logprobs(cfg, ref_params, tokens, mask, temperature=temperature)
     # Row t-1 of the log-probs scores token t: response tokens are t >= prompt_len.
     w = mask[:, 1:].astype(lp.dtype) * (jax.numpy.arange(tokens.shape[1] - 1) >= prompt_len - 1)
     return ((lp - lr) * w).sum(-1)

@@ -28,55 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import evaluation, handoff, models, rm, sampling, sft
-
-# ----------------------------------------------------------------------------------------------
-# Masked statistics. Every mean / variance below is a token-weighted sum / count over the whole
-# (global) array: under jit on a mesh XLA reduces across devices, so the numbers do not depend on
-# the mesh shape (DESIGN.md pitfall 6) and padding never enters an average (pitfall 13).
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of `x` over the positions where `mask` is 1 (0 when the mask is empty)."""
-    m = mask.astype(jnp.float32)
-    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Population variance over the masked positions (two-pass: numerically stable)."""
-    mean = masked_mean(x, mask)
-    return masked_mean(jnp.square(x - mean), mask)
-
-
-def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> jax.Array:
-    """(x - mean) / std over the masked positions of the whole batch; padding stays 0.
-
-    `shift_mean=False` only rescales (Ziegler et al. 2019 whiten rewards that way, so the sign of
-    the reward is kept).
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    white = (x - mean) * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        white = white + mean
-    return white * mask.astype(white.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# KL estimators (Schulman, "Approximating KL divergence", 2020). With samples y ~ pi and
-# log r = log pi_ref(y) - log pi(y): k1 = -log r (unbiased, can be negative), k2 = (log r)^2 / 2,
-# k3 = (r - 1) - log r (unbiased, never negative, low variance).
-
-
-def kl_estimators(logp: jax.Array, logp_ref: jax.Array) -> dict[str, jax.Array]:
-    """Per-token k1, k2, k3 estimates of KL(pi || pi_ref) for tokens sampled from pi."""
-    log_ratio = logp_ref - logp
-    return {
-        "k1": -log_ratio,
-        "k2": 0.5 * jnp.square(log_ratio),
-        "k3": jnp.expm1(log_ratio) - log_ratio,
-    }
-
+from rlhf_jax import evaluation, handoff, models, rewards, sampling
+from rlhf_jax.ops import (kl_estimators, lm_loss_sums, masked_mean, masked_var,
+                          masked_whiten)
 
 # ----------------------------------------------------------------------------------------------
 # Rewards, returns, advantages.
@@ -89,7 +43,7 @@ def last_token_index(response_mask: jax.Array) -> jax.Array:
     so the per-token reward lands where the RM read its score (pitfall 1). Rows with an empty
     mask get index 0.
     """
-    return rm.reward_index(response_mask)
+    return rewards.reward_index(response_mask)
 
 
 def apply_eos_trick(scores: jax.Array, ended: jax.Array, no_eos_score: float | None) -> jax.Array:
@@ -332,16 +286,16 @@ def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
     logp, entropy, values = policy_pass(s, params, tokens, mask, positions, P)
     ref_logp = reference_logprobs(s, ref_params, tokens, mask, positions, P)
     # Normalised RM score read at the EOS / last real token (rm.reward_index).
-    rm_score = rm.score_sequences(s.reward, rm_params, tokens, mask,
-                                  {"gain": s.reward_gain, "bias": s.reward_bias})
+    rm_score = rewards.score_sequences(s.reward, rm_params, tokens, mask,
+                                       {"gain": s.reward_gain, "bias": s.reward_bias})
     score = apply_eos_trick(rm_score, out.ended, s.no_eos_score)
-    rewards, kl = compute_rewards(score, logp, ref_logp, rmask, beta,
-                                  kl_in_reward=s.kl_mode == "reward")
-    raw_return = jnp.sum(rewards, axis=1)
+    token_rewards, kl = compute_rewards(score, logp, ref_logp, rmask, beta,
+                                        kl_in_reward=s.kl_mode == "reward")
+    raw_return = jnp.sum(token_rewards, axis=1)
     if s.whiten_rewards:
         # Ziegler et al. 2019 whiten rewards (scale only) so the value scale stays ~1.
-        rewards = masked_whiten(rewards, rmask, shift_mean=False)
-    advantages, returns = gae(rewards, values, rmask, s.gamma, s.lam)
+        token_rewards = masked_whiten(token_rewards, rmask, shift_mean=False)
+    advantages, returns = gae(token_rewards, values, rmask, s.gamma, s.lam)
     adv_std = jnp.sqrt(masked_var(advantages, rmask))
     if s.whiten_advantages:
         # Over the whole (global) rollout batch, so the numbers do not depend on the mesh.
@@ -404,7 +358,7 @@ def ppo_loss(s: Settings, params: dict, mb: dict, ptx: dict | None, beta: jax.Ar
     if ptx is not None:
         # PPO-ptx (Ouyang et al. 2022, eq. 2): next-token loss on pretraining text keeps the
         # "alignment tax" down. Token mean over this minibatch's ptx rows.
-        nll, sums = sft.lm_loss_sums(s.policy, params["policy"], ptx)
+        nll, sums = lm_loss_sums(s.policy, params["policy"], ptx)
         ptx_loss = nll / jnp.maximum(sums["count"], 1.0)
         loss = loss + s.ptx_coef * ptx_loss
         stats["ptx_loss"] = ptx_loss
@@ -626,6 +580,8 @@ def load_prompt_texts(source) -> tuple[list[str], list[str]]:
 
     src = source.to_dict() if hasattr(source, "to_dict") else dict(source)
     if src.get("kind") == "preference_files":
+        from rlhf_jax import rm
+
         records, _ = rm.load_preference_records(src)
         return tuple(list(dict.fromkeys(r["prompt"] for r in records[split]))
                      for split in ("train", "eval"))

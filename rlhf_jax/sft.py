@@ -11,40 +11,9 @@ token a target, so both run through this module:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from rlhf_jax import handoff, models
-
-
-def token_logprobs(cfg: models.ModelConfig, params, tokens, mask, *, positions=None,
-                   segment_ids=None, temperature: float = 1.0):
-    """log p(tokens[t] | tokens[<t]) for t >= 1, shape [B, T-1], plus the logits' entropy.
-
-    Row t of the result scores token t+1 (the standard target shift). Callers weight it with
-    `loss_mask[:, 1:]`, so the first response token — predicted from the last prompt token —
-    is trained (pitfall 13 in DESIGN.md).
-    """
-    if positions is None:
-        positions = models.positions_from_mask(mask)
-    out = models.forward(cfg, params, tokens, positions, mask, segment_ids=segment_ids)
-    logits = out["logits"][:, :-1] / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    targets = tokens[:, 1:]
-    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
-
-
-def lm_loss_sums(cfg: models.ModelConfig, params, batch) -> tuple[jax.Array, dict]:
-    """Token-weighted cross-entropy as (sum, {"count", ...}) so accumulation and padding are exact."""
-    logp, _ = token_logprobs(
-        cfg, params, batch["tokens"], batch["mask"],
-        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-    )
-    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    nll = -jnp.sum(logp * weights)
-    count = jnp.sum(weights)
-    return nll, {"count": count, "loss": nll}
+from rlhf_jax.ops import lm_loss_sums
 
 
 # ----------------------------------------------------------------------------------- the stage

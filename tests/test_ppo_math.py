@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ppo
+from rlhf_jax import ops, ppo
 
 
 def _ragged_mask(lengths, n):
@@ -49,12 +49,12 @@ def test_masked_whiten_ignores_padding_and_matches_numpy():
     x = rng.normal(3.0, 2.0, size=(6, 7)).astype(np.float32)
     mask = _ragged_mask([7, 3, 5, 1, 6, 2], 7)
     x_garbage = np.where(mask == 1, x, 1e4).astype(np.float32)
-    white = np.asarray(ppo.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask)))
+    white = np.asarray(ops.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask)))
     real = x[mask == 1]
     np.testing.assert_allclose(white[mask == 1], (real - real.mean()) / real.std(),
                                rtol=1e-4, atol=1e-5)
     assert np.all(white[mask == 0] == 0)
-    scaled = np.asarray(ppo.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask),
+    scaled = np.asarray(ops.masked_whiten(jnp.asarray(x_garbage), jnp.asarray(mask),
                                           shift_mean=False))
     np.testing.assert_allclose(scaled[mask == 1], (real - real.mean()) / real.std() + real.mean(),
                                rtol=1e-4, atol=1e-5)
@@ -74,7 +74,7 @@ def test_whitening_and_gae_equal_on_1_and_8_devices():
 
     def fn(x, v, m):
         adv, ret = ppo.gae(x, v, m, 1.0, 0.95)
-        return (ppo.masked_whiten(x, m), ppo.masked_whiten(adv, m), ppo.masked_mean(x, m),
+        return (ops.masked_whiten(x, m), ops.masked_whiten(adv, m), ops.masked_mean(x, m),
                 ppo.explained_variance(v, ret, m))
 
     single = jax.jit(fn)(jnp.asarray(x), jnp.asarray(v), jnp.asarray(mask))
@@ -87,7 +87,7 @@ def test_whitening_and_gae_equal_on_1_and_8_devices():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     # And a per-device whitening really would be different (the test can fail).
     per_dev = np.concatenate([
-        np.asarray(ppo.masked_whiten(jnp.asarray(x[i:i + 2]), jnp.asarray(mask[i:i + 2])))
+        np.asarray(ops.masked_whiten(jnp.asarray(x[i:i + 2]), jnp.asarray(mask[i:i + 2])))
         for i in range(0, B, 2)])
     assert np.abs(per_dev - np.asarray(single[0])).max() > 0.1
 
@@ -142,14 +142,14 @@ def test_kl_estimators_on_known_kl():
     q = np.array([0.25, 0.25, 0.25, 0.25])
     true_kl = float(np.sum(p * np.log(p / q)))
     ys = jax.random.categorical(jax.random.key(0), jnp.log(jnp.asarray(p)), shape=(400_000,))
-    est = ppo.kl_estimators(jnp.log(jnp.asarray(p))[ys], jnp.log(jnp.asarray(q))[ys])
+    est = ops.kl_estimators(jnp.log(jnp.asarray(p))[ys], jnp.log(jnp.asarray(q))[ys])
     assert float(est["k1"].mean()) == pytest.approx(true_kl, abs=3e-3)
     assert float(est["k3"].mean()) == pytest.approx(true_kl, abs=3e-3)
     assert float(est["k3"].min()) >= 0.0  # k3 is never negative
     assert float(est["k1"].min()) < 0.0  # k1 per sample can be
     # Exact expectation (no sampling) of each estimator under p.
     lp, lq = np.log(p), np.log(q)
-    exact = ppo.kl_estimators(jnp.asarray(lp), jnp.asarray(lq))
+    exact = ops.kl_estimators(jnp.asarray(lp), jnp.asarray(lq))
     assert float(np.sum(p * np.asarray(exact["k1"]))) == pytest.approx(true_kl, rel=1e-5)
     assert float(np.sum(p * np.asarray(exact["k3"]))) == pytest.approx(true_kl, rel=1e-5)
     # k2 is biased (its expectation is not the KL here).

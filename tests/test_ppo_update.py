@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import models, ppo, rm
+from rlhf_jax import models, ppo, rewards
 
 CFG = models.ModelConfig(vocab_size=24, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64)
 EOS, PAD = 1, 0
@@ -76,7 +76,7 @@ def test_rollout_reward_placement_and_eos_trick(base):
     for b in range(B):
         row = np.concatenate([toks[b][pmask[b] == 1], resp[b, :lengths[b]]])
         alone[b, :len(row)], alone_mask[b, :len(row)] = row, 1
-    want = rm.score_sequences(CFG, reward, alone, alone_mask, {"gain": 1.5, "bias": 0.2})
+    want = rewards.score_sequences(CFG, reward, alone, alone_mask, {"gain": 1.5, "bias": 0.2})
     np.testing.assert_allclose(rows["rm_score"], want, rtol=1e-4, atol=1e-5)
     for b in range(B):
         if ended[b]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, rm, sampling
+from rlhf_jax import models, rewards, rm, sampling
 
 CFG = models.ModelConfig(vocab_size=24, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)
 
@@ -19,7 +19,7 @@ def rm_params():
 
 
 def score(params, tokens, mask, norm=None):
-    return np.asarray(rm._score_jit(CFG, params, tokens, mask, norm))
+    return np.asarray(rewards._score_jit(CFG, params, tokens, mask, norm))
 
 
 # ---------------------------------------------------------------------------- reward_index
@@ -34,7 +34,7 @@ def test_reward_index_eos_truncated_and_padding():
         [PAD, 5, 6, 7, EOS, PAD, PAD],  # both sides (sampler: left-padded prompt + response)
     ])
     mask = (tokens != PAD).astype(np.int32)
-    idx = np.asarray(rm.reward_index(mask))
+    idx = np.asarray(rewards.reward_index(mask))
     assert idx.tolist() == [4, 6, 6, 4]
     assert (tokens[np.arange(4), idx] == [EOS, 11, EOS, EOS]).all()
 
@@ -44,9 +44,9 @@ def test_reward_index_pad_equals_eos():
     EOS = PAD = 2
     tokens = np.array([[5, 6, EOS, PAD, PAD], [PAD, 5, 6, 7, EOS], [5, 6, 7, 8, 9]])
     mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert np.asarray(rm.reward_index(mask)).tolist() == [2, 4, 4]
+    assert np.asarray(rewards.reward_index(mask)).tolist() == [2, 4, 4]
     # Token ids would have said "last EOS" (col 4) for row 0: the mask is what is used.
-    assert np.asarray(rm.reward_index(np.zeros((1, 5)))).tolist() == [0]
+    assert np.asarray(rewards.reward_index(np.zeros((1, 5)))).tolist() == [0]
 
 
 def test_reward_index_on_sampler_output_with_pad_equal_eos():
@@ -63,7 +63,7 @@ def test_reward_index_on_sampler_output_with_pad_equal_eos():
     prompts = np.where(pmask == 1, prompts, PAD)
     out = sampling.generate(cfg, params, prompts, pmask, jax.random.key(0), max_new_tokens=N,
                             eos_id=EOS, pad_id=PAD, temperature=3.0)
-    idx = np.asarray(rm.reward_index(out.sequence_mask))
+    idx = np.asarray(rewards.reward_index(out.sequence_mask))
     resp = np.asarray(out.tokens)
     ended = np.asarray(out.ended)
     assert 0 < ended.sum() < B, "need both ended and truncated rows"
@@ -101,7 +101,7 @@ def test_left_and_right_padding_give_same_rewards(rm_params):
     np.testing.assert_allclose(right[1], alone[0], atol=1e-5)
     # [B, K, L] comparisons are scored per response.
     tk, mk = _pad(rows, L, left=False)
-    bk = rm.score_sequences(CFG, rm_params, tk.reshape(3, 2, L), mk.reshape(3, 2, L))
+    bk = rewards.score_sequences(CFG, rm_params, tk.reshape(3, 2, L), mk.reshape(3, 2, L))
     np.testing.assert_allclose(np.asarray(bk).ravel(), np.asarray(right), atol=1e-6)
 
 
@@ -201,12 +201,12 @@ def test_reference_normalisation_gives_mean0_std1_on_fresh_samples(rm_params):
     pmask[::3, :2] = 0
     prompts[pmask == 0] = PAD
     kw = dict(max_new_tokens=8, eos_id=EOS, pad_id=PAD, temperature=1.0, batch_size=1024)
-    raw, info = rm.reference_rewards(CFG, policy, CFG, rm_params, prompts, pmask,
+    raw, info = rewards.reference_rewards(CFG, policy, CFG, rm_params, prompts, pmask,
                                      jax.random.key(10), **kw)
     assert 0.0 < info["ended_frac"] < 1.0
-    norm = rm.fit_norm(raw, "reference")
+    norm = rewards.fit_norm(raw, "reference")
     assert abs(raw.mean()) > 1.0 and abs(raw.std() - 1.0) > 0.5  # it had work to do
-    fresh, _ = rm.reference_rewards(CFG, policy, CFG, rm_params, prompts, pmask,
+    fresh, _ = rewards.reference_rewards(CFG, policy, CFG, rm_params, prompts, pmask,
                                     jax.random.key(11), norm=norm, **kw)
     assert abs(fresh.mean()) < 0.05, fresh.mean()
     assert abs(fresh.std() - 1.0) < 0.05, fresh.std()
@@ -214,13 +214,13 @@ def test_reference_normalisation_gives_mean0_std1_on_fresh_samples(rm_params):
 
 def test_demonstration_normalisation_and_errors():
     demo = np.array([0.5, 1.5, 2.5])
-    n = rm.fit_norm(demo, "demonstrations")
+    n = rewards.fit_norm(demo, "demonstrations")
     assert n["gain"] == 1.0 and n["bias"] == pytest.approx(-1.5)
-    assert rm.fit_norm(demo, "none") == {"gain": 1.0, "bias": 0.0, "method": "none"}
+    assert rewards.fit_norm(demo, "none") == {"gain": 1.0, "bias": 0.0, "method": "none"}
     with pytest.raises(ValueError, match="same reward"):
-        rm.fit_norm(np.ones(5), "reference")
+        rewards.fit_norm(np.ones(5), "reference")
     with pytest.raises(ValueError, match="norm.method"):
-        rm.fit_norm(demo, "zscore")
+        rewards.fit_norm(demo, "zscore")
 
 
 # ---------------------------------------------------------------------------- evaluation

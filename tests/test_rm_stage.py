@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, config_utils, models, rm
+from rlhf_jax import checkpoint, config_utils, models, rewards, rm
 from rlhf_jax.data import tokenize
 
 from tests._hf_tiny import tiny_gpt2
@@ -76,8 +76,8 @@ def test_rm_sim_smoke(tmp_path):
     # The stored normalisation is what score_sequences applies.
     pad_id, _ = tokenize.special_ids(tok)
     batch, _ = tokenize.encode_sft(tok, ["the movie was"], [" very good ."], 16)
-    raw = rm.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"])
-    normed = rm.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
+    raw = rewards.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"])
+    normed = rewards.score_sequences(rm_cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
     gain, bias = meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
     np.testing.assert_allclose(np.asarray(normed), np.asarray(raw) * gain + bias,
                                rtol=1e-5, atol=1e-6)
@@ -157,7 +157,7 @@ def test_rm_hh_smoke(tmp_path):
     recs, _ = pf.parse_file(str(FIX / "hh_rlhf.jsonl"), "hh_rlhf")
     batch, _ = tokenize.encode_sft(fast, [r["prompt"] for r in recs],
                                    [r["responses"][0] for r in recs], 40)
-    chosen = rm.score_sequences(cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
+    chosen = rewards.score_sequences(cfg, params, batch["tokens"], batch["mask"], meta["reward_norm"])
     assert abs(float(np.mean(chosen))) < 1e-4
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, sft
+from rlhf_jax import models, ops
 from rlhf_jax.data import tokenize
 
 CFG = models.ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_len=32)
@@ -39,7 +39,7 @@ def test_prompt_masked_and_first_response_token_trained():
     # The first completion token (10, 12) is a target; prompt tokens are not.
     np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0])
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    nll, sums = sft.lm_loss_sums(CFG, params, jb)
+    nll, sums = ops.lm_loss_sums(CFG, params, jb)
     assert float(sums["count"]) == 3 + 4  # two completion tokens + EOS, three + EOS
     ref = _reference_nll(params, batch["tokens"][0], 3, 6) + _reference_nll(params, batch["tokens"][1], 2, 6)
     np.testing.assert_allclose(float(nll), ref, rtol=1e-5)
@@ -52,11 +52,11 @@ def test_packed_and_unpacked_give_same_losses():
     per_example = []
     for p, c in zip(prompts, comps):
         b, _ = tokenize.encode_sft(_Tok(), [p], [c], max_len=12)
-        per_example.append(float(sft.lm_loss_sums(CFG, params, {k: jnp.asarray(v) for k, v in b.items()})[0]))
+        per_example.append(float(ops.lm_loss_sums(CFG, params, {k: jnp.asarray(v) for k, v in b.items()})[0]))
     packed, _ = tokenize.encode_sft(_Tok(), prompts, comps, max_len=24, pack=True)
     assert packed["tokens"].shape[0] < len(prompts)  # really packed
     jb = {k: jnp.asarray(v) for k, v in packed.items()}
-    logp, _ = sft.token_logprobs(CFG, params, jb["tokens"], jb["mask"], positions=jb["positions"],
+    logp, _ = ops.token_logprobs(CFG, params, jb["tokens"], jb["mask"], positions=jb["positions"],
                                  segment_ids=jb["segment_ids"])
     w = np.asarray(jb["loss_mask"][:, 1:])
     seg = np.asarray(jb["segment_ids"][:, 1:])
