@@ -74,12 +74,14 @@ def get_config(arg: str | None = None):
         source=dict(kind="sim", seed=0, num_train=256 if smoke else 4096,
                     num_eval=16 if smoke else 64),
     ))
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=16 if smoke else 256,
-        gold_judges=("vader", "vader_trap"),  # logged, never in the reward
-        gold="vader",  # the judge reported as `gold` and used for the win rate ("" = none)
-        sample_rows=8,  # rows of the sample table appended to samples.md at each eval
-    ))
+    # Held-out samples at the rollout's settings (the distribution PPO optimises).
+    c.eval = config_utils.policy_eval_config(
+        num_prompts=16 if smoke else 256, batch_size=16 if smoke else 128,
+        judges=("vader", "vader_trap"),  # logged, never in the reward
+        gold="vader")  # the judge reported as `gold` and used for the win rate ("" = none)
+    c.eval.temperature = c.rollout.get_ref("temperature")
+    c.eval.max_new_tokens = c.rollout.get_ref("max_new_tokens")
+    c.eval.max_prompt_len = c.data.get_ref("max_prompt_len")
 
     c.optim.lr = 1e-4
     c.optim.schedule = "constant"

@@ -245,6 +245,24 @@ def stage_is_complete(path: str | Path) -> bool:
     return final_step(path) is not None
 
 
+def load_stage_metadata(path: str | Path, field: str = "config.init_from") -> dict:
+    """The metadata of a finished stage's `final/` checkpoint (no arrays are read)."""
+    from rlhf_jax.errors import UserError
+
+    if not stage_is_complete(path):
+        ckpt = Path(path).absolute() / CHECKPOINT_DIR
+        hint = ("it has rolling checkpoints: the stage was interrupted, rerun it to finish"
+                if ckpt.is_dir() else "give the work dir of a finished stage")
+        raise UserError(field, f"no finished stage output at {_final_dir(path)}", hint)
+    mgr = _final_manager(_final_dir(path), read_only=True)
+    try:
+        step = mgr.latest_step()
+        out = mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    finally:
+        mgr.close()
+    return dict(out[META])
+
+
 def load_stage_params(path: str | Path,
                       shardings_fn: Callable | Any | None = None) -> tuple[dict, dict]:
     """Load a finished stage's final params and metadata from its work dir.

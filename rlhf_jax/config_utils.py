@@ -255,3 +255,52 @@ def validate(config, n_devices: int) -> None:
         raise ValueError("config.workdir is empty; give --config.workdir=<dir>")
     rules = config.get("sharding_rules")
     sharding.rules_from_config({"sharding_rules": rules})
+
+
+def set_dotted(config, key: str, value) -> None:
+    """`config.a.b = value` for key "a.b" (the same path a `--config.a.b=` flag names)."""
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    with config.unlocked():
+        node[leaf] = value
+
+
+def policy_eval_config(**overrides) -> ml_collections.ConfigDict:
+    """The `eval` block of every stage that trains a policy (`evaluation.PolicyEval`).
+
+    Sampling settings default to the simulated world's (8-token prompts, 20 new tokens at
+    T = 0.7, PPO's rollout temperature); a stage ties them to its own rollout fields with
+    FieldReferences where it has them.
+    """
+    c = ml_collections.ConfigDict(dict(
+        num_prompts=256,  # held-out prompts, one sample each
+        max_prompt_len=8,
+        max_new_tokens=20,
+        temperature=0.7,
+        batch_size=128,
+        judges=("vader", "vader_trap"),  # gold judges: measured, never rewarded
+        gold="vader",  # the judge reported as `gold` and used for win rates ("" = none)
+        sample_rows=8,  # rows of the table appended to workdir/samples.md at each eval
+    ))
+    c.update(overrides)
+    return c
+
+
+def check_number(config, path: str, kind=(int, float), *, strict: bool = True,
+                 upper: float | None = None) -> None:
+    """Fail with a UserError naming `config.<path>` unless its value is a number > 0 (>= 0 when
+    not `strict`), and <= `upper` when given. Bools are not numbers here."""
+    from rlhf_jax.errors import UserError
+
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    value = node
+    ok = not isinstance(value, bool) and isinstance(value, kind) and (
+        value > 0 if strict else value >= 0) and (upper is None or value <= upper)
+    if not ok:
+        bound = f"{'>' if strict else '>='} 0" + ("" if upper is None else f" and <= {upper}")
+        names = kind.__name__ if isinstance(kind, type) else "a number"
+        raise UserError(f"config.{path}", f"{value!r} is not valid", f"give {names} {bound}")

@@ -281,6 +281,38 @@ def host_to_global(host_batch, mesh: jax.sharding.Mesh, rules: Rules | None = No
     return jax.tree_util.tree_map_with_path(one, host_batch)
 
 
+def process_rows(host_batch, rules: Rules | None = None, mesh: jax.sharding.Mesh | None = None):
+    """This process's slice of a GLOBAL host batch (every process holds the same arrays), ready
+    for `host_to_global`: rows [i * B / P, (i + 1) * B / P) of process i of P."""
+    del rules, mesh
+    p, i = jax.process_count(), jax.process_index()
+    if p == 1:
+        return host_batch
+
+    def one(x):
+        x = np.asarray(x)
+        if x.shape[0] % p:
+            raise ValueError(f"a global batch of {x.shape[0]} rows cannot split over {p} processes")
+        n = x.shape[0] // p
+        return x[i * n:(i + 1) * n]
+
+    return jax.tree.map(one, host_batch)
+
+
+def to_host(tree):
+    """Arrays -> numpy on every process. A global array whose shards live on other processes is
+    gathered explicitly (`process_allgather`, a collective: every process must call it); never
+    `jax.device_get` of a global array, which fails on a multi-host mesh (DESIGN.md)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
 # --------------------------------------------------------------------------------- distributed
 
 

@@ -49,6 +49,8 @@ _SIM_KEYS = {"kind", "seed", "num_train", "num_eval", "data_dir"}
 _SIM_COMPARISON_KEYS = _SIM_KEYS | {"k", "judge", "target_agreement", "flip_prob", "pool",
                                    "num_buckets"}
 _JSONL_KEYS = {"kind", "train", "eval", "skip_malformed", "data_dir"}
+# Fields of a simulated source that its text datasets (prompts, demonstrations, corpus) read.
+SIM_TEXT_KEYS = _SIM_KEYS
 
 
 class DataFormatError(ValueError):

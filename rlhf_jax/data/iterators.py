@@ -111,3 +111,29 @@ class ArrayIterator:
                              f"this iterator has seed {self.seed}")
         self.epoch = state["epoch"]
         self.position = state["position"]
+
+
+class PromptBatches:
+    """RL prompt batches (+ optional extra rows per step, e.g. PPO-ptx pretraining text, under
+    `ptx_<field>`), resumable through get/set_state like `ArrayIterator`."""
+
+    def __init__(self, prompts: ArrayIterator, ptx: ArrayIterator | None = None):
+        self.prompts, self.ptx = prompts, ptx
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self.prompts))
+        if self.ptx is not None:
+            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
+        return batch
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(),
+                "ptx": None if self.ptx is None else self.ptx.get_state()}
+
+    def set_state(self, state: Mapping) -> None:
+        self.prompts.set_state(state["prompts"])
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.set_state(state["ptx"])
