@@ -178,7 +178,8 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
 def group_stats(rewards: jax.Array, group_size: int) -> dict[str, jax.Array]:
     """Diagnostics of the grouped rewards: mean within-group std (ddof = 1, as GRPO divides by)
     and the fraction of groups whose K rewards are all equal, which give every member advantage 0
-    under RLOO / GRPO / Dr. GRPO and so no learning signal (DAPO's dynamic-sampling motive)."""
+    under RLOO / GRPO / Dr. GRPO and so no learning signal (DAPO's dynamic-sampling motive).
+    With K = 1 (REINFORCE without groups) the std is 0 and every group counts as equal."""
     r = _groups(rewards, group_size)
     if group_size == 1:
         zero = jnp.zeros((), jnp.float32)
