@@ -36,11 +36,20 @@ def get_config(arg: str | None = None):
     c.sft = _unlocked(sft_sim.get_config(f"model={model}"))
     c.rm = _unlocked(rm_sim.get_config())
     c.ppo = _unlocked(ppo_sim.get_config())
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=512,  # held-out RL prompts, one SFT and one PPO sample each
-        judge="vader",  # the gold judge of the win rate and gold scores
-        batch_size=128,
-    ))
+    # Methods trained from the same SFT policy and compared on the same held-out prompts.
+    c.methods = "ppo"  # a comma list of experiments.pipeline.METHODS
+    c.bon = ml_collections.ConfigDict(dict(n=16))  # best-of-n of the SFT policy, by the RM
+    # The comparison: one sample per held-out prompt per method, at PPO's rollout settings.
+    c.eval = config_utils.policy_eval_config(num_prompts=512, judges=("vader", "vader_trap"),
+                                             gold="vader", batch_size=128)
+    c.eval.prompts = dict(kind="sim", seed=0, num_train=0, num_eval=512)
+    c.eval.temperature = c.ppo.rollout.get_ref("temperature")
+    c.eval.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
+    c.eval.max_prompt_len = c.ppo.data.get_ref("max_prompt_len")
+    # The RM's reference normalisation holds at the temperature and length PPO samples at
+    # (Ziegler et al. 2019): tie them, so a sweep over one moves the other.
+    c.rm.norm.temperature = c.ppo.rollout.get_ref("temperature")
+    c.rm.norm.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
     # Budget for ~10 minutes on 2 CPU cores (measured; see README).
     c.pretrain.train.steps = 400
     c.sft.train.steps = 200
@@ -66,5 +75,6 @@ def get_config(arg: str | None = None):
         c.ppo.train.eval_every = 0
         c.ppo.eval.num_prompts = 64
         c.eval.num_prompts = 128
+        c.eval.prompts.num_eval = 128
     c.lock()
     return c
