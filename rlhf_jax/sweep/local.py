@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import datetime
 import glob
+import importlib.util
 import io
 import json
 import os
@@ -117,9 +118,11 @@ def detect_accelerators() -> tuple[str, list[str]]:
                 return "gpu", [str(i) for i in range(n)]
         except (OSError, subprocess.SubprocessError):
             pass
-    # TPU chips: /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e, v5p, v6e).
-    chips = sorted(glob.glob("/dev/accel*")) or sorted(
-        p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit())
+    # TPU chips: /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e, v5p, v6e; VFIO also serves other
+    # devices, so only with the TPU runtime installed).
+    chips = sorted(glob.glob("/dev/accel*"))
+    if not chips and importlib.util.find_spec("libtpu") is not None:
+        chips = sorted(p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit())
     if chips:
         return "tpu", [str(i) for i in range(len(chips))]
     return "cpu", []
