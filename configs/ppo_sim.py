@@ -7,6 +7,11 @@
 
 Preset keys: steps, smoke, value_from ("rm" | "policy_head"), kl_mode ("reward" | "loss").
 
+Sweep (`get_sweep`): fixed-β KL penalties × 3 seeds, run by `python -m rlhf_jax.sweep`:
+
+    python -m rlhf_jax.sweep --config=configs/ppo_sim.py \
+        --config.init_from=runs/sft_sim --config.reward_from=runs/rm_sim --workers=2
+
 Sizes are for 2 CPU cores: responses of at most 20 tokens (the world's continuations are 6-16
 words plus commas, a period and EOS), 64 episodes per update, 4 epochs of 4 minibatches.
 """
@@ -14,6 +19,9 @@ words plus commas, a period and EOS), 64 episodes per update, 4 epochs of 4 mini
 import ml_collections
 
 from rlhf_jax import config_utils
+from rlhf_jax.sweep import fixed, product, sweep
+
+ENTRY = "rlhf_jax.ppo"  # the program `python -m rlhf_jax.sweep` runs for each trial
 
 
 def get_config(arg: str | None = None):
@@ -96,3 +104,13 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 50
     c.lock()
     return c
+
+
+def get_sweep(arg: str | None = None):
+    """Fixed β (no adaptive controller) from weak to strong, each with 3 seeds: 9 trials.
+
+    `arg` is the same preset as get_config's (e.g. `:steps=50`); it does not change the grid.
+    """
+    del arg
+    return product(sweep("kl.beta", [0.03, 0.1, 0.3]), fixed("kl.adaptive", False),
+                   sweep("seed", [0, 1, 2]))
