@@ -236,8 +236,10 @@ def _tokenizer(config, meta):
         raise ValueError("config.tokenizer is empty and init_from gives none: set "
                          "--config.tokenizer=<a Hugging Face tokenizer directory>")
     from rlhf_jax.sim.tokenizer import world_tokenizer
+    from rlhf_jax.sim.world import world_spec
 
-    tok, path = world_tokenizer(int(config.data.source.seed))
+    seed, variant = world_spec(config.data.source)
+    tok, path = world_tokenizer(seed, variant=variant)
     return tok, str(path)
 
 
@@ -559,9 +561,10 @@ def run(config) -> dict:
     judges = {name: get_judge(name) for name in ev.judges}
     if src.kind == "sim" and judges and ev.fresh_world_pairs > 0:
         # Fresh pairs: the world's candidates on its "test" split, never used for training.
-        from rlhf_jax.sim.world import get_world
+        from rlhf_jax.sim.world import get_world, world_spec
 
-        items = get_world(int(src.seed)).comparison_candidates(0, ev.fresh_world_pairs, 2, "test")
+        world = get_world(*world_spec(src))
+        items = world.comparison_candidates(0, ev.fresh_world_pairs, 2, "test")
         recs = [{"prompt": p, "responses": rs, "ranks": [0, 1]} for p, rs, _ in items]
         arr, _ = _encode(tokenizer, recs, config.data.max_len)
         r = score_batches(cfg, params, arr["tokens"], arr["mask"], norm, ev.batch_size)

@@ -30,8 +30,10 @@ def _tokenizer_for(config, meta):
         raise ValueError("config.tokenizer is empty and init_from gives none: set "
                          "--config.tokenizer=<a Hugging Face tokenizer directory>")
     from rlhf_jax.sim.tokenizer import world_tokenizer
+    from rlhf_jax.sim.world import world_spec
 
-    tok, path = world_tokenizer(int(config.data.source.seed))
+    seed, variant = world_spec(config.data.source)
+    tok, path = world_tokenizer(seed, variant=variant)
     return tok, str(path)
 
 
