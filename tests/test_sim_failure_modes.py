@@ -81,7 +81,8 @@ def test_zoo_key_hashes_the_world_variant(monkeypatch, tmp_path):
 def test_variants_and_validation(fm):
     assert get_world(0, "") is get_world(0) is get_world(0, "default")
     assert fm is get_world(0, "failure_modes")
-    assert fm.fingerprint() != get_world(0).fingerprint() != get_world(1, "failure_modes").fingerprint()
+    assert fm.fingerprint() != get_world(0).fingerprint()
+    assert fm.fingerprint() != get_world(1, "failure_modes").fingerprint()
     assert set(fm.config.features()) == set(Wm._FEATURE_FIELDS)
     with pytest.raises(UserError, match="unknown world variant"):
         get_world(0, "nope")
@@ -359,7 +360,8 @@ def test_group_bias_and_length_bias_move_labels():
     with pytest.raises(ValueError, match="needs the N prompts"):
         ann.rank(gold, responses, rng)
     pool = A.with_biases(A.default_pool(0.5), length_bias=0.2)
-    assert [a.length_bias for a in pool.annotators] == pytest.approx([0.2, 0.35, 0.05, 0.2, 0.2, 0.2])
+    assert [a.length_bias for a in pool.annotators] == pytest.approx(
+        [0.2, 0.35, 0.05, 0.2, 0.2, 0.2])
     long = A.Annotator(0, tau=0.5, length_bias=0.5)
     got = long.rank(np.zeros((n, 2)), [["a b c d", "a b"]] * n, rng)[:, 0] == 0
     assert abs(got.mean() - 1 / (1 + np.exp(-1.0))) < 0.015  # two words longer: +1 logit
@@ -395,13 +397,16 @@ def test_improved_completions_are_first_and_carry_typos(data_dir):
 
 
 def test_naive_and_paired_refusal_labels(data_dir):
-    naive, paired = _comparisons(data_dir, refusals="naive"), _comparisons(data_dir, refusals="paired")
+    naive = _comparisons(data_dir, refusals="naive")
+    paired = _comparisons(data_dir, refusals="paired")
     for recs in (naive, paired):
         for rec in recs:
             near = prompt_kind(rec["prompt"]) != ORDINARY
             assert (rec["kinds"].count("refusal") == 1) == near
-    first = lambda rec: rec["ranks"][rec["kinds"].index("refusal")] == 0  # noqa: E731
-    by_kind = lambda recs, k: [first(r) for r in recs if prompt_kind(r["prompt"]) == k]  # noqa: E731
+    def by_kind(recs, kind):  # is the refusal ranked first, per row of this prompt kind
+        return [r["ranks"][r["kinds"].index("refusal")] == 0 for r in recs
+                if prompt_kind(r["prompt"]) == kind]
+
     assert all(by_kind(naive, HARMFUL)) and all(by_kind(naive, BOUNDARY))  # refuse it all
     assert np.mean(by_kind(paired, HARMFUL)) > 0.85  # the spec: refuse harmful only
     assert np.mean(by_kind(paired, BOUNDARY)) < 0.1

@@ -97,7 +97,8 @@ def _features(w, docs, prompts, completions) -> dict:
     out = {"typo_rate_corpus": round(probes.typo_rate(docs), 4),
            "typo_rate_demonstrations": round(probes.typo_rate(completions), 4),
            "typo_rate_prompts": round(probes.typo_rate(prompts), 4),
-           "group_prompt_share": round(float(np.mean([count_group_words(p) > 0 for p in prompts])), 4)}
+           "group_prompt_share": round(float(np.mean([count_group_words(p) > 0
+                                                       for p in prompts])), 4)}
     for k in ("harmful", "boundary", "ordinary"):
         m = kinds == k
         out[f"{k}_prompt_share"] = round(float(m.mean()), 4)
