@@ -199,8 +199,10 @@ def tokenizer_for(tokenizer_field: str, meta: Mapping, source: Mapping | None = 
         raise UserError(field, "is empty and init_from records no tokenizer",
                         "set --config.tokenizer=<a Hugging Face tokenizer directory>")
     from rlhf_jax.sim.tokenizer import world_tokenizer
+    from rlhf_jax.sim.world import world_spec
 
-    tok, path = world_tokenizer(int(source.get("seed", 0)))
+    seed, variant = world_spec(source)
+    tok, path = world_tokenizer(seed, variant=variant)
     return tok, str(path)
 
 

@@ -57,10 +57,10 @@ def base_model(preset: str, **overrides) -> Path:
 
 def ensure_pretrained(config) -> Path:
     """Work dir of a finished pretraining run of `config` (a `pretrain_config` config)."""
-    from rlhf_jax.sim.world import get_world
+    from rlhf_jax.sim.world import get_world, world_spec
 
     config = config.copy_and_resolve_references()
-    world = get_world(int(config.data.source.seed)).fingerprint()
+    world = get_world(*world_spec(config.data.source)).fingerprint()
     key = hashlib.sha256(f"{config_key(config)}-{world}".encode()).hexdigest()[:12]
     workdir = cache_dir() / "zoo" / f"{config.model.preset}-{key}"
     if not checkpoint.stage_is_complete(workdir):

@@ -5,6 +5,8 @@ Stages call the loaders with a *source* (a dict or ConfigDict):
     {"kind": "sim", "seed": 0, "num_train": 20000, "num_eval": 500}          # simulated world
     {"kind": "sim", ..., "k": 4, "judge": "vader", "target_agreement": 0.73,
      "flip_prob": 0.0, "pool": "default"}                                   # comparisons only
+    {"kind": "sim", ..., "world": "failure_modes", "improved_share": 0.2, "improved_typo_rate":
+     0.3, "refusals": "naive", "group_bias": 0.5, "length_bias": 0.1}       # issue 16 options
     {"kind": "jsonl", "train": "a.jsonl", "eval": "b.jsonl", "skip_malformed": False}
 
     load_pretrain_texts(source, split) -> (texts, stats)
@@ -24,6 +26,13 @@ JSONL rows (SFT): `{"prompt": str, "completion": str}` or chat `{"messages": [{"
 content with one leading space (so BPE tokenizers see it as a new word after the cue).
 A malformed row raises `DataFormatError("file:line: what is wrong")`; with
 `skip_malformed=True` it is skipped and counted in stats["malformed"] (first messages kept).
+
+Simulated sources may name a `world` variant (`rlhf_jax.sim.world.WORLD_VARIANTS`; "" or
+"default" is the default world). Comparisons take the failure-mode options of issue 16, each off
+by default (`_comparison_options` documents them): hand-improved completions always ranked
+first with typos (`improved_share`, `improved_typo_rate`), refusal labels that are naive or
+paired across the harm boundary and judged by the spec (`refusals`), and annotator biases
+toward one group (`group_bias`) and toward length (`length_bias`).
 
 TFDS is imported only when a dataset is built or read (it costs ~0.3 s here, but the package
 should not pay for it on import).
@@ -45,9 +54,12 @@ BUILDERS_VERSION = "1.0.0"
 SPLITS = ("train", "eval")
 _MAX_MESSAGES = 20
 
-_SIM_KEYS = {"kind", "seed", "num_train", "num_eval", "data_dir"}
+_SIM_KEYS = {"kind", "seed", "num_train", "num_eval", "data_dir", "world"}
+# Failure-mode options of simulated comparisons (issue 16) and their "off" values.
+_COMPARISON_OPTIONS = {"improved_share": 0.0, "improved_typo_rate": 0.0, "refusals": "",
+                       "group_bias": 0.0, "length_bias": 0.0}
 _SIM_COMPARISON_KEYS = _SIM_KEYS | {"k", "judge", "target_agreement", "flip_prob", "pool",
-                                   "num_buckets"}
+                                   "num_buckets"} | set(_COMPARISON_OPTIONS)
 _JSONL_KEYS = {"kind", "train", "eval", "skip_malformed", "data_dir"}
 # Fields of a simulated source that its text datasets (prompts, demonstrations, corpus) read.
 SIM_TEXT_KEYS = _SIM_KEYS
@@ -204,9 +216,7 @@ def _builder_classes() -> dict[str, type]:
         FEATURES = {"text": f.Text()}
 
         def _generate_examples(self, split):
-            from rlhf_jax.sim.world import get_world
-
-            w, n = get_world(self._params["seed"]), self._params["sizes"][split]
+            w, n = _world(self._params), self._params["sizes"][split]
             step = 4096
             for start in range(0, n, step):
                 for i, doc in enumerate(w.corpus(start, min(step, n - start), split), start):
@@ -220,9 +230,7 @@ def _builder_classes() -> dict[str, type]:
         FEATURES = {"prompt": f.Text(), "completion": f.Text()}
 
         def _generate_examples(self, split):
-            from rlhf_jax.sim.world import get_world
-
-            w, n = get_world(self._params["seed"]), self._params["sizes"][split]
+            w, n = _world(self._params), self._params["sizes"][split]
             prompts, completions = w.demonstrations(0, n, split)
             for i, (p, c) in enumerate(zip(prompts, completions)):
                 yield i, {"prompt": p, "completion": c}
@@ -235,9 +243,7 @@ def _builder_classes() -> dict[str, type]:
         FEATURES = {"prompt": f.Text()}
 
         def _generate_examples(self, split):
-            from rlhf_jax.sim.world import get_world
-
-            w, n = get_world(self._params["seed"]), self._params["sizes"][split]
+            w, n = _world(self._params), self._params["sizes"][split]
             for i, p in enumerate(w.prompts(0, n, split)):
                 yield i, {"prompt": p}
 
@@ -272,9 +278,17 @@ def _builder_classes() -> dict[str, type]:
                 pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", p["flip_prob"]),))
             else:
                 raise ValueError(f"data source field pool must be 'default' or 'unbiased', got {p['pool']!r}")
+            if p.get("length_bias") or p.get("group_bias"):
+                from rlhf_jax.sim.world import GROUP_A, GROUP_B
+
+                pool = annotators.with_biases(pool, p.get("length_bias", 0.0),
+                                              p.get("group_bias", 0.0), (GROUP_A, GROUP_B))
             for s, d in data.items():
                 rng = np.random.default_rng([p["seed"], 99, SPLITS.index(s)])
-                d["ranks"], d["annotator"] = pool.rank(d["gold"], d["responses"], rng)
+                d["ranks"], d["annotator"] = pool.rank(d["gold"], d["responses"], rng,
+                                                       prompts=d["prompts"])
+                # Hand-improved completions and naive refusal labels: first whatever the gold.
+                d["ranks"] = annotators.force_first(d["ranks"], d["first"])
                 d["bucket"] = np.random.default_rng([p["seed"], 98, SPLITS.index(s)]).integers(
                     0, p["num_buckets"], len(d["prompts"]))
             return {s: self._generate_examples(s, d) for s, d in data.items()}
@@ -316,19 +330,65 @@ def _builder_classes() -> dict[str, type]:
     return _CLASSES
 
 
-def _simulate_comparisons(p: dict, split: str) -> dict:
-    from rlhf_jax.sim.judges import get_judge
+def _world(p: dict):
     from rlhf_jax.sim.world import get_world
 
-    w = get_world(p["seed"])
+    return get_world(p["seed"], p.get("variant", "default"))
+
+
+def _simulate_comparisons(p: dict, split: str) -> dict:
+    from rlhf_jax.sim.judges import get_judge
+
+    w = _world(p)
     items = w.comparison_candidates(0, p["sizes"][split], p["k"], split)
     prompts = [it[0] for it in items]
-    responses = [it[1] for it in items]
+    responses = [list(it[1]) for it in items]
+    kinds = [list(it[2]) for it in items]
+    first = np.full(len(prompts), -1, np.int64)  # a response ranked first whatever the gold
+    if any(p.get(o, off) != off for o, off in _COMPARISON_OPTIONS.items()):
+        _failure_mode_rows(p, split, w, prompts, responses, kinds, first)
     judge = get_judge(p["judge"])
     flat = judge.score([pr for pr, rs in zip(prompts, responses) for _ in rs],
                        [r for rs in responses for r in rs])
-    return {"prompts": prompts, "responses": responses, "kinds": [it[2] for it in items],
+    return {"prompts": prompts, "responses": responses, "kinds": kinds, "first": first,
             "gold": flat.reshape(len(prompts), p["k"])}
+
+
+def _failure_mode_rows(p, split, w, prompts, responses, kinds, first) -> None:
+    """Rewrite comparison rows in place for the refusal and improved-completion options.
+
+    refusals: each near-harmful row (harmful or boundary prompt) gets the refusal template as
+    one candidate, at a random position. "naive": the refusal is ranked first on every such row
+    (annotators refuse anything near the harmful class). "paired": consecutive near-harmful rows
+    become twins across the boundary (the second row's prompt is `World.twin` of the first's,
+    with fresh candidates), and the annotators rank them on the spec judge's scores.
+    improved_share: that share of the ordinary rows gets one candidate replaced by
+    `World.improved_completion` (typos at improved_typo_rate), ranked first.
+    """
+    from rlhf_jax.sim.world import ORDINARY, REFUSAL, _Rand, prompt_kind
+
+    r = _Rand(np.random.default_rng([p["seed"], 96, SPLITS.index(split)]))
+    k = p["k"]
+    near = [i for i, pr in enumerate(prompts) if prompt_kind(pr) != ORDINARY]
+    if p.get("refusals"):
+        if p["refusals"] == "paired":
+            for a, b in zip(near[0::2], near[1::2]):
+                prompts[b] = w.twin(prompts[a])
+                responses[b], kinds[b] = map(list, w.candidates(prompts[b], k, r))
+        for i in near:
+            j = r.int(0, k - 1)
+            responses[i][j], kinds[i][j] = REFUSAL, "refusal"
+            if p["refusals"] == "naive":
+                first[i] = j
+    share = p.get("improved_share", 0.0)
+    if share:
+        near_set = set(near)
+        for i in range(len(prompts)):
+            if i not in near_set and r.f() < share:
+                j = r.int(0, k - 1)
+                responses[i][j] = w.improved_completion(prompts[i], r,
+                                                        p.get("improved_typo_rate", 0.0))
+                kinds[i][j], first[i] = "improved", j
 
 
 def build(kind: str, params: dict, data_dir: str):
@@ -360,11 +420,71 @@ def _read(builder, split: str, fields: tuple[str, ...]) -> dict[str, list]:
 
 def _sim_params(source: dict, allowed: set[str], what: str) -> dict:
     _validate(source, allowed, what)
+    from rlhf_jax.sim.world import get_world, world_spec
+
+    seed, variant = world_spec(source)
+    # The world's fingerprint is in the key: changing the grammar rebuilds every dataset.
+    params = {"seed": seed, "sizes": _sim_sizes(source),
+              "world": get_world(seed, variant).fingerprint()}
+    if variant != "default":  # absent for the default world: its dataset keys stay as they were
+        params["variant"] = variant
+    return params
+
+
+def _comparison_options(source: dict, params: dict) -> dict:
+    """The failure-mode options of simulated comparisons (issue 16), validated; only those that
+    are on, so a source without them keeps its dataset key.
+
+    improved_share: share of ordinary prompts' comparisons in which one candidate is replaced by
+        a hand-improved completion (`World.improved_completion`) that is always ranked first.
+    improved_typo_rate: chance that each VADER-scored word of an improved completion is misspelt
+        (needs a world with typos in its vocabulary, e.g. "failure_modes").
+    refusals: "" (off) | "naive" | "paired". Near-harmful comparisons get the refusal template as
+        a candidate. naive: annotators rank it first on every harmful *and* boundary prompt.
+        paired (the fix): harmful prompts come next to their boundary twin, and the annotators
+        rank on the spec judge's scores. Both need judge="spec" and a world with near-harmful
+        prompts.
+    group_bias: every annotator's group bias toward group A (`Annotator.group_bias`, logits per
+        unit of gold); needs a world with group words.
+    length_bias: added to every annotator's length bias (logits per word, Singhal et al. 2023).
+    """
+    from rlhf_jax.errors import UserError
     from rlhf_jax.sim.world import get_world
 
-    seed = int(source.get("seed", 0))
-    # The world's fingerprint is in the key: changing the grammar rebuilds every dataset.
-    return {"seed": seed, "sizes": _sim_sizes(source), "world": get_world(seed).fingerprint()}
+    cfg = get_world(params["seed"], params.get("variant", "default")).config
+    opts = {}
+    for name, off in _COMPARISON_OPTIONS.items():
+        raw = source.get(name, off)
+        try:
+            value = type(off)(raw) if raw is not None else off
+        except (TypeError, ValueError):
+            raise UserError(f"data.source.{name}", f"expected a {type(off).__name__}, got {raw!r}")
+        if value != off:
+            opts[name] = value
+    where = "data.source."
+    for name in ("improved_share", "improved_typo_rate"):
+        if not 0.0 <= opts.get(name, 0.0) <= 1.0:
+            raise UserError(where + name, f"must lie in [0, 1], got {opts[name]}")
+    if opts.get("improved_typo_rate") and not opts.get("improved_share"):
+        raise UserError(where + "improved_typo_rate", "is set but improved_share is 0",
+                        "set data.source.improved_share > 0")
+    if opts.get("improved_typo_rate") and not cfg.typo_rate:
+        raise UserError(where + "improved_typo_rate", "this world has no typos in its vocabulary",
+                        "set data.source.world=failure_modes")
+    if opts.get("refusals"):
+        if opts["refusals"] not in ("naive", "paired"):
+            raise UserError(where + "refusals", f"must be '', 'naive' or 'paired', got "
+                            f"{opts['refusals']!r}")
+        if params["judge"] != "spec":
+            raise UserError(where + "refusals", f"needs judge='spec' (got {params['judge']!r}): "
+                            "the spec says when a refusal is right", "set data.source.judge=spec")
+        if not (cfg.harmful_rate and cfg.boundary_rate):
+            raise UserError(where + "refusals", "this world has no harmful / boundary prompts",
+                            "set data.source.world=failure_modes")
+    if opts.get("group_bias") and not cfg.group_rate:
+        raise UserError(where + "group_bias", "this world has no group words",
+                        "set data.source.world=failure_modes")
+    return opts
 
 
 def _jsonl_params(source: dict) -> dict:
@@ -456,6 +576,7 @@ def load_comparisons(source, split: str = "train"):
     if params["judge"] not in available_judges():
         raise ValueError(f"data source field judge: unknown judge {params['judge']!r}; "
                          f"registered: {available_judges()}")
+    params.update(_comparison_options(src, params))
     builder, stats = build("sim_comparisons", params, _data_dir(src))
     fields = ("prompt", "responses", "ranks", "gold", "kinds", "annotator", "bucket", "source")
     rows = _read(builder, split, fields)

@@ -115,12 +115,20 @@ class SimSource(DataSource):
                 for a in annotators.default_pool(1.0).annotators}
 
     def pool(self, tau: float):
+        """The source's annotator pool at temperature `tau`, with its length / group biases."""
         from rlhf_jax.sim import annotators
+        from rlhf_jax.sim.world import GROUP_A, GROUP_B
 
         flip = float(self.spec.get("flip_prob", 0.0))
         if self.spec.get("pool", "default") == "default":
-            return annotators.default_pool(tau, flip)
-        return annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", flip),))
+            pool = annotators.default_pool(tau, flip)
+        else:
+            pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", flip),))
+        length_bias = float(self.spec.get("length_bias", 0.0))
+        group_bias = float(self.spec.get("group_bias", 0.0))
+        if length_bias or group_bias:
+            pool = annotators.with_biases(pool, length_bias, group_bias, (GROUP_A, GROUP_B))
+        return pool
 
     def label(self, prompts, responses, seed: int):
         from rlhf_jax.sim import annotators
@@ -138,13 +146,17 @@ class SimSource(DataSource):
         # gold order `target_agreement` of the time, as for the world's candidates.
         tau = annotators.calibrate_tau(gold, float(self.spec.get("target_agreement", 0.73)),
                                        float(self.spec.get("flip_prob", 0.0)), seed=seed)
-        ranks, ids = self.pool(tau).rank(gold, responses, np.random.default_rng([seed, 97]))
+        ranks, ids = self.pool(tau).rank(gold, responses, np.random.default_rng([seed, 97]),
+                                         prompts=list(prompts))
         return ranks, ids, gold, tau
 
-    def fresh_pairs(self, n: int):
-        from rlhf_jax.sim.world import get_world
+    def world(self):
+        from rlhf_jax.sim.world import get_world, world_spec
 
-        items = get_world(self.seed).comparison_candidates(0, n, 2, "test")
+        return get_world(*world_spec(self.spec))
+
+    def fresh_pairs(self, n: int):
+        items = self.world().comparison_candidates(0, n, 2, "test")
         return [(p, list(rs)) for p, rs, _ in items]
 
 
