@@ -92,17 +92,20 @@ def _chunked(h, w, targets, temperature, chunk, with_entropy, vocab_major):
 
 def _chunked_fwd(h, w, targets, temperature, chunk, with_entropy, vocab_major):
     T = h.shape[1]
+    w_c = w.astype(h.dtype)  # the compute-dtype head, as models.forward casts it
 
     def body(_, xs):
         h_c, t_c = xs
-        logp, lse, ent = _chunk_stats(_logits(h_c, w, temperature, vocab_major), t_c, with_entropy)
+        z = _logits(h_c, w_c, temperature, vocab_major)
+        logp, lse, ent = _chunk_stats(z, t_c, with_entropy)
         return None, (logp, lse) if ent is None else (logp, lse, ent)
 
     _, outs = jax.lax.scan(body, None, (_split(h, chunk), _split(targets, chunk)))
     outs = tuple(_merge(o, T) for o in outs)
     logp, lse = outs[0], outs[1]
     ent = outs[2] if with_entropy else None
-    # Residuals: the inputs and per-token scalars only; logits are recomputed in the backward.
+    # Residuals: the inputs and per-token scalars only; logits are recomputed in the backward
+    # (and the head is cast again there, not kept in the compute dtype in between).
     return (logp, ent), (h, w, targets, lse, ent)
 
 
@@ -114,10 +117,11 @@ def _chunked_bwd(temperature, chunk, with_entropy, vocab_major, res, cts):
     xs = [_split(h, chunk), _split(targets, chunk), _split(lse, chunk), _split(g_logp, chunk)]
     if with_entropy:
         xs += [_split(ent, chunk), _split(g_ent.astype(jnp.float32), chunk)]
+    w_c = w.astype(h.dtype)
 
     def body(dw, xs):
         h_c, t_c, lse_c, gl_c = xs[:4]
-        z = _logits(h_c, w, temperature, vocab_major)
+        z = _logits(h_c, w_c, temperature, vocab_major)
         logp_all = z - lse_c[..., None]
         p = jnp.exp(logp_all)
         onehot = jax.nn.one_hot(t_c, z.shape[-1], dtype=jnp.float32)
@@ -127,13 +131,18 @@ def _chunked_bwd(temperature, chunk, with_entropy, vocab_major, res, cts):
             ent_c, ge_c = xs[4:]
             # dH / dz = -p (log p + H)
             dz = dz - ge_c[..., None] * p * (logp_all + ent_c[..., None])
-        dz = dz / temperature
-        # Transposes of the f32-accumulated head matmul, as jax.grad of models.forward's einsum
-        # does them; the weight gradient is summed over chunks in f32.
-        ws = _w_spec(vocab_major)
-        dh_c = jnp.einsum(f"btv,{ws}->btd", dz, w, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum(f"btd,btv->{ws}", h_c, dz, preferred_element_type=jnp.float32)
-        return dw, dh_c.astype(h.dtype)
+        # The logits' gradient enters the two transposed matmuls in the compute dtype (f32
+        # accumulation): a f32 x bf16 product would make XLA upcast the whole head to f32.
+        dz = (dz / temperature).astype(h.dtype)
+        f32 = jnp.float32
+        dh_c = jnp.einsum(f"btv,{_w_spec(vocab_major)}->btd", dz, w_c, preferred_element_type=f32)
+        # Operands in the order of the weight's layout, so no [V, chunk] transpose is made.
+        if vocab_major:
+            dw_c = jnp.einsum("btv,btd->vd", dz, h_c, preferred_element_type=f32)
+        else:
+            dw_c = jnp.einsum("btd,btv->dv", h_c, dz, preferred_element_type=f32)
+        # Summed over chunks in f32 and returned in the weight's own dtype.
+        return dw + dw_c, dh_c.astype(h.dtype)
 
     dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), tuple(xs))
     return _merge(dh, T), dw.astype(w.dtype), None
@@ -172,8 +181,7 @@ def target_logprobs(hidden: jax.Array, weight: jax.Array, targets: jax.Array, *,
     chunk = auto_chunk_size(B, T, V) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"lm_head: chunk_size={chunk_size} must be >= 1")
-    w = weight.astype(hidden.dtype)
-    return _chunked(hidden, w, targets.astype(jnp.int32), float(temperature), min(chunk, T),
+    return _chunked(hidden, weight, targets.astype(jnp.int32), float(temperature), min(chunk, T),
                     bool(with_entropy), bool(vocab_major))
 
 

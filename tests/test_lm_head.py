@@ -117,9 +117,14 @@ def test_bf16_compute_dtype():
     g_got = _grad(_loss(chunked, mask, 0.3))(hidden, weight)
     g_want = _grad(_loss(full, mask, 0.3))(hidden, weight)
     assert g_got[0].dtype == jnp.bfloat16 and g_got[1].dtype == jnp.float32
-    for g, x in zip(g_got, g_want):
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(x, np.float32),
-                                   rtol=2e-2, atol=2e-2)
+    # Both are bf16 approximations of the f32 computation; ours may round differently (the
+    # logits' gradient enters the matmuls in bf16, the weight gradient is never rounded to bf16)
+    # but must be as close to f32 as the full bf16 computation is.
+    g_f32 = _grad(_loss(full, mask, 0.3))(hidden.astype(jnp.float32), weight)
+    for g, x, r in zip(g_got, g_want, g_f32):
+        g, x = np.asarray(g, np.float32), np.asarray(x, np.float32)
+        np.testing.assert_allclose(g, x, rtol=0, atol=1e-2 * np.abs(x).max())
+        assert np.abs(g - r).max() <= 1.5 * np.abs(x - r).max() + 1e-3
 
 
 @pytest.mark.parametrize("tie,start", [(True, 4), (False, 0)], ids=["tied-ppo", "untied-sft"])
