@@ -141,7 +141,7 @@ def values_check(V, temperature) -> dict:
             return lm_head.target_logprobs(h, w, t, vocab_major=True, temperature=temperature,
                                            with_entropy=True, chunk_size=20)
         vals = jax.jit(f)(h, w, t)
-        loss = lambda h, w, t, f=f: jnp.sum(f(h, w, t)[0]) + 0.01 * jnp.sum(f(h, w, t)[1])  # noqa
+        loss = lambda h, w, t, f=f: jnp.sum(f(h, w, t)[0]) + 0.01 * jnp.sum(f(h, w, t)[1])
         grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(h, w, t)
         out[kind] = [np.asarray(x) for x in (*vals, *grads)]
     names = ("logp", "entropy", "grad_hidden", "grad_weight")

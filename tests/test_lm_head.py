@@ -176,7 +176,9 @@ def test_on_a_mesh_with_vocab_over_tensor():
     hidden, weight, targets, mask = _inputs(seed=3)
     hidden, targets, mask = (jnp.concatenate([x, x[:1]]) for x in (hidden, targets, mask))
     spec = jax.sharding.PartitionSpec
-    put = lambda x, *s: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(*s)))  # noqa
+
+    def put(x, *axes):
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(*axes)))
 
     def loss(h, w, t, m):
         logp, ent = lm_head.target_logprobs(h, w, t, temperature=0.7, with_entropy=True,
