@@ -7,7 +7,10 @@ the backward pass: at a Qwen2-size vocabulary (152k) and a 4k sequence that is 2
 per row. Here the sequence is cut into chunks and a custom VJP recomputes each chunk's logits in
 the backward pass (the trick of Liger-Kernel's fused linear cross-entropy and of Wijmans et al.
 2024, "Cut Your Losses in Large-Vocabulary Language Models"), so at most a [B, chunk, V] block of
-f32 logits and one of its gradient are live at a time, forward and backward.
+f32 logits and one of its gradient are live at a time, forward and backward. The backward also
+holds a f32 [D, V] sum of the head's gradient over chunks (XLA:CPU keeps it apart from the
+output buffer): at 152k x 896 that is 519 MiB of the 610 MiB the program needs in all
+(benchmarks/bench_lm_head_memory.py), against 9.3 GiB through the full logits.
 
 The math matches `models.forward`'s logits: `hidden` (the decoder's final-norm output, already in
 the compute dtype) times the head weight cast to that dtype, accumulated in float32.
