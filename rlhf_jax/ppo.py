@@ -358,7 +358,8 @@ def ppo_loss(s: Settings, params: dict, mb: dict, ptx: dict | None, beta: jax.Ar
 
 def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, opt_state,
            batch: dict, ptx: dict | None, beta: jax.Array, shuffle_key: jax.Array,
-           update_index: jax.Array) -> tuple[dict, Any, dict]:
+           update_index: jax.Array, *,
+           batch_sharding: jax.sharding.NamedSharding | None = None) -> tuple[dict, Any, dict]:
     """`s.epochs` passes over one rollout batch, `s.minibatches` optimizer steps each, in one
     `lax.scan` (compiled once). Minibatches are a fresh permutation per (update, epoch).
 
@@ -366,6 +367,11 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
     j*k .. (j+1)*k. Returns (params, opt_state, metrics averaged over all minibatch steps, plus
     `ratio_first_max_dev`: max |ratio - 1| on the first minibatch of the first epoch, 0 up to
     float32 rounding (~1e-7) when rollout and update compute the same log-probs).
+
+    `batch_sharding` (the trainer's, `sharding.batch_sharding(mesh, rules)`) splits every
+    minibatch over the mesh's batch axes, so each device computes its rows and the gradient is
+    all-reduced. Without it, the random-index gather of a minibatch leaves it replicated and
+    every device computes the whole minibatch. The numbers do not depend on it.
     """
     B = batch["tokens"].shape[0]
     n_mb = s.minibatches
@@ -377,11 +383,27 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
         ptx = jax.tree.map(lambda x: x.reshape((n_mb, rows // n_mb) + x.shape[1:]), ptx)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, s), has_aux=True)
 
+    def split_rows(tree):
+        # Leading (row) dim over the batch axes; a minibatch whose rows those axes do not
+        # divide stays replicated (correct, not split).
+        if batch_sharding is None or tree is None:
+            return tree
+        axes = batch_sharding.spec[0] if batch_sharding.spec else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+        rows = jax.tree.leaves(tree)[0].shape[0]
+        if rows % shards:
+            log.warning("PPO minibatch of %d rows cannot split over %d batch shards %s: every "
+                        "device computes the whole minibatch (make config.train.batch_size / "
+                        "config.ppo.minibatches a multiple of %d)", rows, shards, axes, shards)
+            return tree
+        return jax.lax.with_sharding_constraint(tree, batch_sharding)
+
     def minibatch_step(carry, xs):
         params, opt_state = carry
         idx, j = xs
-        mb = jax.tree.map(lambda x: x[idx], batch)
-        ptx_mb = None if ptx is None else jax.tree.map(lambda x: x[j], ptx)
+        mb = split_rows(jax.tree.map(lambda x: x[idx], batch))
+        ptx_mb = None if ptx is None else split_rows(jax.tree.map(lambda x: x[j], ptx))
         (loss, stats), grads = grad_fn(params, mb, ptx_mb, beta)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -534,7 +556,9 @@ def run(config) -> dict:
     # Jitted pieces, each compiled once (fixed shapes): rollout (sampler + passes + GAE) and the
     # whole PPO update. Params / optimizer state keep the trainer's shardings.
     rollout_jit = functools.partial(_rollout_jit, s)
-    update_jit = jax.jit(functools.partial(update, s, optimizer), donate_argnums=(0, 1),
+    update_jit = jax.jit(functools.partial(update, s, optimizer,
+                                           batch_sharding=tr.batch_sharding),
+                         donate_argnums=(0, 1),
                          out_shardings=(tr.state_shardings.params,
                                         tr.state_shardings.opt_state, tr.replicated))
     shuffle_key = tr.key(Purpose.SHUFFLE)

@@ -40,7 +40,6 @@ from rlhf_jax.rng import Purpose
 log = logging.getLogger(__name__)
 
 LOSS_KINDS = ("kwise", "pairwise", "best_of_k")
-CANDIDATE_SOURCES = ("dataset", "policy", "mixed")
 
 # ----------------------------------------------------------------------------------------------
 # Losses. scores [B, K] float, rank [B, K] int (0 best, ties share a rank, -1 absent).
@@ -139,9 +138,9 @@ def validate_config(config) -> None:
     if config.norm.method not in rewards.NORM_METHODS:
         raise UserError("config.norm.method", f"{config.norm.method!r} is not a normalisation",
                         f"use one of {rewards.NORM_METHODS}")
-    if config.data.candidates not in CANDIDATE_SOURCES:
+    if config.data.candidates not in preferences.CANDIDATES:
         raise UserError("config.data.candidates", f"{config.data.candidates!r} is not a "
-                        "candidate source", f"use one of {CANDIDATE_SOURCES}")
+                        "candidate source", f"use one of {preferences.CANDIDATES}")
     kind = config.data.source.kind
     if kind not in ("sim", "preference_files"):
         raise UserError("config.data.source.kind", f"{kind!r} has no comparisons",
@@ -152,34 +151,6 @@ def validate_config(config) -> None:
     if config.train.epochs < 0:
         raise UserError("config.train.epochs", f"{config.train.epochs} must be >= 0",
                         "0 uses config.train.steps")
-
-
-def load_comparisons(config, source, policy, tokenizer, key, place) -> tuple[dict, dict]:
-    """Records of both splits. With `data.candidates` policy / mixed, (half of) each split's
-    comparisons are K samples of the SFT policy ranked by the world's annotators (what
-    InstructGPT's labelers ranked), drawn with the `policy_data` sampling settings."""
-    records, stats = {}, {}
-    for split in ("train", "eval"):
-        records[split], stats[split] = source.comparisons(split)
-    if config.data.candidates == "dataset":
-        return records, stats
-    pd = config.policy_data
-    for i, split in enumerate(("train", "eval")):
-        n = len(records[split]) // (2 if config.data.candidates == "mixed" else 1)
-        prompts = source.prompts(split)[:n]
-
-        def sample(texts, i=i):
-            return evaluation.sample_texts(
-                policy.cfg, policy.params, tokenizer, texts, jax.random.fold_in(key, i),
-                max_prompt_len=pd.max_prompt_len, max_new_tokens=pd.max_new_tokens,
-                temperature=pd.temperature, batch_size=pd.batch_size, place=place)
-
-        recs, st = preferences.policy_comparisons(
-            source, prompts, sample, k=int(config.data.source.k),
-            seed=int(config.data.source.seed) + i)
-        records[split] = records[split][:len(records[split]) - n] + recs
-        stats[split] = {**stats[split], "policy": st}
-    return records, stats
 
 
 def with_epoch_steps(config, n_train: int):
@@ -289,8 +260,10 @@ def run(config) -> dict:
     handoff.check_vocab(tokenizer, policy.cfg, "config.tokenizer")
     cfg = policy.cfg
 
-    records, load_stats = load_comparisons(config, source, policy, tokenizer,
-                                           place.key(Purpose.POLICY_DATA), place)
+    records, load_stats = preferences.load_comparisons(
+        source, config.data.candidates,
+        evaluation.policy_sampler(policy, tokenizer, config.policy_data,
+                                  place.key(Purpose.POLICY_DATA), place))
     train_arrays, train_enc = preferences.encode_records(tokenizer, records["train"],
                                                          config.data.max_len, "train comparisons")
     eval_arrays, eval_enc = preferences.encode_records(tokenizer, records["eval"],

@@ -116,6 +116,40 @@ def policy_comparisons(source, prompts: Sequence[str], sample_fn: Callable[[list
                      "ended_frac": float(np.mean(s["ended"]))}
 
 
+CANDIDATES = ("dataset", "policy", "mixed")
+
+
+def load_comparisons(source, candidates: str = "dataset",
+                     sample_fn: Callable[[int, list[str]], dict] | None = None,
+                     field: str = "config.data.candidates") -> tuple[dict, dict]:
+    """Comparison records and stats of both splits of `source`.
+
+    `candidates`: `dataset` (the source's own responses); `policy` (K samples of a policy per
+    prompt, ranked by the source's annotators: what InstructGPT's labelers ranked) or `mixed`
+    (half of each split). `sample_fn(split_index, prompts)` draws the policy samples (prompts
+    repeated K times, adjacent); the source's `k` and `seed` fields set K and the labelling seed.
+    """
+    if candidates not in CANDIDATES:
+        raise UserError(field, f"{candidates!r} is not a candidate source",
+                        f"use one of {CANDIDATES}")
+    records, stats = {}, {}
+    for split in ("train", "eval"):
+        records[split], stats[split] = source.comparisons(split)
+    if candidates == "dataset":
+        return records, stats
+    if not source.has_world:
+        raise UserError(field, f"{candidates!r} needs the simulated world's annotators",
+                        "use 'dataset' with preference files")
+    for i, split in enumerate(("train", "eval")):
+        n = len(records[split]) // (2 if candidates == "mixed" else 1)
+        recs, st = policy_comparisons(
+            source, source.prompts(split)[:n], lambda texts, i=i: sample_fn(i, texts),
+            k=int(source.spec.get("k", 4)), seed=int(source.spec.get("seed", 0)) + i)
+        records[split] = records[split][:len(records[split]) - n] + recs
+        stats[split] = {**stats[split], "policy": st}
+    return records, stats
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], max_len: int, what: str):
     """Left-padded prompt arrays (`tokenize.encode_prompts`), warning about truncation."""
     if not texts:
