@@ -13,7 +13,7 @@ dotted overrides as when the stage runs alone; the pipeline sets their `workdir`
 import ml_collections
 
 from rlhf_jax import config_utils
-from configs import ppo_sim, pretrain_sim, rm_sim, sft_sim
+from configs import dpo_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
 
 
 def _unlocked(c):
@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
     c.sft = _unlocked(sft_sim.get_config(f"model={model}"))
     c.rm = _unlocked(rm_sim.get_config())
     c.ppo = _unlocked(ppo_sim.get_config())
+    c.dpo = _unlocked(dpo_sim.get_config())  # its data.source is the RM's (experiments.pipeline)
     # Methods trained from the same SFT policy and compared on the same held-out prompts.
     c.methods = "ppo"  # a comma list of experiments.pipeline.METHODS
     c.bon = ml_collections.ConfigDict(dict(n=16))  # best-of-n of the SFT policy, by the RM

@@ -76,6 +76,10 @@ def run_stages(config) -> dict[str, Path]:
         if needs_rm:
             fields["reward_from"] = str(dirs["rm"])
         cfg = _child(config[field], **fields)
+        if name == "dpo":  # DPO learns from exactly the comparisons the RM learned from
+            with cfg.unlocked():
+                cfg.data.source = rm_cfg.data.source
+                cfg.data.candidates = rm_cfg.data.candidates
         dirs[name] = lib.run_stage(name, module, cfg,
                                    stages / f"{name}-{lib.stage_key(cfg)}", reuse)
     return dirs

@@ -304,3 +304,18 @@ def check_number(config, path: str, kind=(int, float), *, strict: bool = True,
         bound = f"{'>' if strict else '>='} 0" + ("" if upper is None else f" and <= {upper}")
         names = kind.__name__ if isinstance(kind, type) else "a number"
         raise UserError(f"config.{path}", f"{value!r} is not valid", f"give {names} {bound}")
+
+
+def with_epoch_steps(config, n_train: int):
+    """The config a run over `n_train` examples trains under: `train.steps` from
+    `train.epochs` when that is > 0 (InstructGPT trains its RM for one epoch: more overfits the
+    comparisons), warmup capped at the steps. A locked copy; the caller's is untouched, and the
+    work dir's config.json records the steps the run took."""
+    if config.train.epochs <= 0:
+        return config
+    config = config.copy_and_resolve_references()
+    steps = max(1, int(config.train.epochs * n_train) // config.train.batch_size)
+    set_dotted(config, "train.steps", steps)
+    set_dotted(config, "optim.warmup_steps", min(config.optim.warmup_steps, steps))
+    config.lock()
+    return config

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax import models, ops, rewards, sampling, sharding
+from rlhf_jax import models, ops, rewards, sampling
 from rlhf_jax.data import tokenize
 from rlhf_jax.errors import UserError
 
@@ -29,9 +29,7 @@ from rlhf_jax.errors import UserError
 
 def _global(place, chunk: dict):
     """Host chunk -> the arrays a jit takes: global and batch-sharded under a trainer."""
-    if place is None:
-        return chunk
-    return place.to_global(sharding.process_rows(chunk))
+    return chunk if place is None else place.shard_rows(chunk)
 
 
 def sample_texts(cfg: models.ModelConfig, params, tokenizer, prompts: Sequence[str], rng, *,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import models
+from rlhf_jax import lm_head, models
 from rlhf_jax.sharding import to_host
 
 
@@ -71,17 +71,15 @@ def token_logprobs(cfg: models.ModelConfig, params, tokens, mask, *, positions=N
 
     Row t of the result scores token t+1 (the standard target shift). Callers weight it with
     `loss_mask[:, 1:]`, so the first response token — predicted from the last prompt token —
-    is trained (pitfall 13 in DESIGN.md).
+    is trained (pitfall 13 in DESIGN.md). The LM head runs in sequence chunks (`lm_head`), so
+    the full [B, T, V] logits never exist.
     """
     if positions is None:
         positions = models.positions_from_mask(mask)
-    out = models.forward(cfg, params, tokens, positions, mask, segment_ids=segment_ids)
-    logits = out["logits"][:, :-1] / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    targets = tokens[:, 1:]
-    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
+    hidden = models.forward(cfg, params, tokens, positions, mask, segment_ids=segment_ids,
+                            want_logits=False)["hidden"]
+    return lm_head.shifted_logprobs(params, hidden, tokens, temperature=temperature,
+                                    with_entropy=True)
 
 
 def target_logprobs(cfg: models.ModelConfig, params, hidden: jax.Array, targets: jax.Array, *,
@@ -89,13 +87,15 @@ def target_logprobs(cfg: models.ModelConfig, params, hidden: jax.Array, targets:
     """log p(target) under the LM head's logits / T at the given hidden states [B, N, D].
 
     Only the positions passed in go through the LM head, so a caller that needs the response's
-    N tokens out of a P + N sequence pays N, not P + N, rows of the [D, V] matmul.
+    N tokens out of a P + N sequence pays N, not P + N, rows of the [D, V] matmul; and the head
+    runs in sequence chunks with a recomputing backward (`lm_head`), so the full f32 logits are
+    never held at a large vocabulary.
     """
-    logits = models.lm_logits(cfg, params, hidden) / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    out = {"logp": jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]}
+    logp, entropy = lm_head.head_logprobs(params, hidden.astype(jnp.dtype(cfg.dtype)), targets,
+                                          temperature=temperature, with_entropy=with_entropy)
+    out = {"logp": logp}
     if with_entropy:
-        out["entropy"] = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        out["entropy"] = entropy
     return out
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import models, ops, sampling, sharding
+from rlhf_jax import models, ops, sampling
 from rlhf_jax.errors import UserError
 
 NORM_METHODS = ("reference", "demonstrations", "none")
@@ -113,7 +113,7 @@ def score_batches(cfg: models.ModelConfig, params: dict, tokens: np.ndarray, mas
 
     def one(chunk, start):
         if place is not None:
-            chunk = place.to_global(sharding.process_rows(chunk))
+            chunk = place.shard_rows(chunk)
         return _score_jit(cfg, params, chunk["tokens"], chunk["mask"], norm_arr)
 
     flat = {"tokens": tokens.reshape(-1, tokens.shape[-1]), "mask": mask.reshape(-1, mask.shape[-1])}
@@ -171,7 +171,7 @@ def reference_rewards(policy_cfg: models.ModelConfig, policy_params: dict,
 
     def one(chunk, start):
         if place is not None:
-            chunk = place.to_global(sharding.process_rows(chunk))
+            chunk = place.shard_rows(chunk)
         out = sampling.generate(policy_cfg, policy_params, chunk["prompt_tokens"],
                                 chunk["prompt_mask"], jax.random.fold_in(rng, start),
                                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config_utils, evaluation, handoff, models, optim, rewards, sharding
+from rlhf_jax import config_utils, evaluation, handoff, models, optim, rewards
 from rlhf_jax import trainer as trainer_lib
 from rlhf_jax.data import preferences, sources, tokenize
 from rlhf_jax.data.iterators import ArrayIterator
@@ -153,19 +153,6 @@ def validate_config(config) -> None:
                         "0 uses config.train.steps")
 
 
-def with_epoch_steps(config, n_train: int):
-    """The config the run trains under: `train.steps` from `train.epochs` (InstructGPT trains
-    the RM for one epoch: more overfits the comparisons). A copy; the caller's is untouched."""
-    if config.train.epochs <= 0:
-        return config
-    config = config.copy_and_resolve_references()
-    steps = max(1, int(config.train.epochs * n_train) // config.train.batch_size)
-    config_utils.set_dotted(config, "train.steps", steps)
-    config_utils.set_dotted(config, "optim.warmup_steps", min(config.optim.warmup_steps, steps))
-    config.lock()
-    return config
-
-
 def fit_reward_norm(nc, source, policy, rm_cfg, rm_params, tokenizer, max_len, key,
                     place) -> dict:
     """`reward_norm` of the trained RM (see the module docstring), with what it was fit on."""
@@ -234,15 +221,6 @@ def judge_agreement(config, source, policy, rm, tokenizer, key, place) -> dict:
     return out
 
 
-def eval_padding(arrays: dict, batch_size: int, mesh_cfg) -> tuple[dict, int]:
-    """Held-out comparisons padded with rows of no preference (rank -1, weight 0) to a batch
-    size the mesh can split, so every held-out comparison counts once. -> (arrays, batch)."""
-    data, fsdp, _ = sharding.mesh_shape(mesh_cfg, jax.device_count())
-    n = arrays["tokens"].shape[0]
-    bs = min(batch_size, -(-n // (data * fsdp)) * data * fsdp)
-    return preferences.pad_rows(arrays, -(-n // bs) * bs), bs
-
-
 # ----------------------------------------------------------------------------------------------
 # The stage.
 
@@ -272,7 +250,7 @@ def run(config) -> dict:
                  "train": {**load_stats["train"], **train_enc,
                            "comparisons": len(records["train"])},
                  "eval": {**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])}}
-    config = with_epoch_steps(config, train_arrays["tokens"].shape[0])
+    config = config_utils.with_epoch_steps(config, train_arrays["tokens"].shape[0])
 
     tr = trainer_lib.Trainer(config, "rm")
     rm_init = {**models.trunk(policy.params),
@@ -292,8 +270,9 @@ def run(config) -> dict:
     eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn))
     rm_arrays = {k: train_arrays[k] for k in ("tokens", "mask", "rank")}
     train_iter = ArrayIterator(rm_arrays, config.train.batch_size, seed=config.seed)
-    padded_eval, eval_bs = eval_padding({k: eval_arrays[k] for k in ("tokens", "mask", "rank")},
-                                        config.train.batch_size, config.mesh)
+    padded_eval, eval_bs = preferences.pad_to_batches(
+        {k: eval_arrays[k] for k in ("tokens", "mask", "rank")}, config.train.batch_size,
+        tr.batch_shards)
 
     def eval_fn(st):
         it = ArrayIterator(padded_eval, eval_bs, seed=0, shuffle=False)

@@ -250,6 +250,11 @@ class Placement:
         """This process's rows of a batch -> global arrays sharded over the batch axes."""
         return sharding.host_to_global(host_batch, self.mesh, self.rules)
 
+    def shard_rows(self, batch):
+        """A whole batch that every process holds -> global arrays, each process contributing
+        its own slice of the rows (evaluation chunks, precomputed passes)."""
+        return self.to_global(sharding.process_rows(batch))
+
 
 class Trainer(Placement):
     """Mesh, checkpoints, metrics and the loop for one stage (`stage_name`) of a run.

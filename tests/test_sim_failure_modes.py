@@ -63,14 +63,13 @@ def test_default_dataset_keys_and_records_unchanged(tmp_path):
 
 
 def test_zoo_key_hashes_the_world_variant(monkeypatch, tmp_path):
-    from rlhf_jax import checkpoint, sft
-    from rlhf_jax.sim import zoo
+    from rlhf_jax import checkpoint, sft, zoo
 
     monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path))
     seen = []
     monkeypatch.setattr(sft, "run", lambda c: seen.append(c.workdir))
     monkeypatch.setattr(checkpoint, "stage_is_complete", lambda w: False)
-    config = zoo.base_model_config("sim-0.1m")
+    config = zoo.pretrain_config("sim-0.1m")
     zoo.ensure_pretrained(config)
     key = hashlib.sha256(f"{zoo.config_key(config)}-7325678ab4e06985".encode()).hexdigest()[:12]
     assert seen[-1].endswith(f"sim-0.1m-{key}")  # the default world's key is as it was

@@ -50,6 +50,16 @@ def pad_rows(arrays: dict, n: int) -> dict:
     return out
 
 
+def pad_to_batches(arrays: dict, batch_size: int, shards: int) -> tuple[dict, int]:
+    """Held-out rows padded with rows of no preference (rank -1 / weight 0) to whole batches
+    that split over `shards` batch shards, so every held-out row counts once and no batch
+    changes shape. -> (arrays, eval batch size)."""
+    n = next(iter(arrays.values())).shape[0]
+    bs = min(batch_size, -(-n // shards) * shards)
+    bs = -(-bs // shards) * shards
+    return pad_rows(arrays, -(-n // bs) * bs), bs
+
+
 def gold_array(records: Sequence[dict]) -> np.ndarray | None:
     """[N, K] gold scores of the responses (simulated data), or None."""
     if not records or "gold" not in records[0]:
