@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config_utils, evaluation, models, onpolicy, optim, rewards, sampling
+from rlhf_jax import (config_utils, evaluation, models, onpolicy, optim, rewards, sampling,
+                      sharding)
 from rlhf_jax import trainer as trainer_lib
 from rlhf_jax.errors import UserError
 from rlhf_jax.ops import (kl_estimators, lm_loss_sums, masked_mean, masked_var, masked_whiten,
@@ -383,27 +384,12 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
         ptx = jax.tree.map(lambda x: x.reshape((n_mb, rows // n_mb) + x.shape[1:]), ptx)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, s), has_aux=True)
 
-    def split_rows(tree):
-        # Leading (row) dim over the batch axes; a minibatch whose rows those axes do not
-        # divide stays replicated (correct, not split).
-        if batch_sharding is None or tree is None:
-            return tree
-        axes = batch_sharding.spec[0] if batch_sharding.spec else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        shards = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
-        rows = jax.tree.leaves(tree)[0].shape[0]
-        if rows % shards:
-            log.warning("PPO minibatch of %d rows cannot split over %d batch shards %s: every "
-                        "device computes the whole minibatch (make config.train.batch_size / "
-                        "config.ppo.minibatches a multiple of %d)", rows, shards, axes, shards)
-            return tree
-        return jax.lax.with_sharding_constraint(tree, batch_sharding)
-
     def minibatch_step(carry, xs):
         params, opt_state = carry
         idx, j = xs
-        mb = split_rows(jax.tree.map(lambda x: x[idx], batch))
-        ptx_mb = None if ptx is None else split_rows(jax.tree.map(lambda x: x[j], ptx))
+        mb = sharding.split_rows(jax.tree.map(lambda x: x[idx], batch), batch_sharding)
+        ptx_mb = None if ptx is None else sharding.split_rows(
+            jax.tree.map(lambda x: x[j], ptx), batch_sharding)
         (loss, stats), grads = grad_fn(params, mb, ptx_mb, beta)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

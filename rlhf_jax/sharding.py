@@ -299,6 +299,24 @@ def process_rows(host_batch, rules: Rules | None = None, mesh: jax.sharding.Mesh
     return jax.tree.map(one, host_batch)
 
 
+def split_rows(tree, batch_sharding: NamedSharding | None):
+    """Constrain a tree of row-major arrays (e.g. a minibatch gathered by random indices inside a
+    jit, which XLA would otherwise keep replicated) to be split over the mesh's batch axes, so
+    each device computes its rows and the gradient is all-reduced. A tree whose row count the
+    batch shards do not divide stays as it is (correct, not split), with a warning."""
+    if batch_sharding is None or tree is None:
+        return tree
+    axes = batch_sharding.spec[0] if batch_sharding.spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+    rows = jax.tree.leaves(tree)[0].shape[0]
+    if rows % shards:
+        log.warning("a minibatch of %d rows cannot split over %d batch shards %s: every device "
+                    "computes all of it (use a multiple of %d rows)", rows, shards, axes, shards)
+        return tree
+    return jax.lax.with_sharding_constraint(tree, batch_sharding)
+
+
 def to_host(tree):
     """Arrays -> numpy on every process. A global array whose shards live on other processes is
     gathered explicitly (`process_allgather`, a collective: every process must call it); never
