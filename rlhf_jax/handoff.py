@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 
 from rlhf_jax import models
+from rlhf_jax.errors import UserError
 
 
 def resolve_init(init_from: str, *, model_cfg_fallback=None):
@@ -26,7 +27,8 @@ def resolve_init(init_from: str, *, model_cfg_fallback=None):
 
     if not init_from:
         if model_cfg_fallback is None:
-            raise ValueError("config.init_from is empty and no model config was given")
+            raise UserError("config.init_from", "is empty and no model config was given",
+                            "give a finished stage's work dir, zoo:<preset> or hf:<dir>")
         return model_cfg_fallback, None, {}
     if init_from.startswith("zoo:"):
         from rlhf_jax.sim import zoo
@@ -39,5 +41,6 @@ def resolve_init(init_from: str, *, model_cfg_fallback=None):
         return cfg, params, {"tokenizer_dir": path, "model_config": cfg.to_dict()}
     params, meta = checkpoint.load_stage_params(init_from)
     if "model_config" not in meta:
-        raise ValueError(f"init_from={init_from!r}: its metadata has no model_config")
+        raise UserError("config.init_from", f"{init_from}: its metadata has no model_config",
+                        "give the work dir of an rlhf_jax stage or of convert hf-to-orbax")
     return models.ModelConfig.from_dict(meta["model_config"]), params, meta

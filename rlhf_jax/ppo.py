@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import evaluation, handoff, models, rewards, sampling
+from rlhf_jax.errors import UserError
 from rlhf_jax.ops import (kl_estimators, lm_loss_sums, masked_mean, masked_var,
                           masked_whiten)
 
@@ -213,13 +214,13 @@ class Settings:
 
     def __post_init__(self):
         if self.kl_mode not in KL_MODES:
-            raise ValueError(f"config.kl.mode={self.kl_mode!r} must be one of {KL_MODES}")
+            raise UserError("config.kl.mode", f"{self.kl_mode!r} must be one of {KL_MODES}")
         if self.kl_loss_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"config.kl.loss_estimator={self.kl_loss_estimator!r} must be one "
-                             f"of {KL_ESTIMATORS}")
+            raise UserError("config.kl.loss_estimator", f"{self.kl_loss_estimator!r} must be "
+                            f"one of {KL_ESTIMATORS}")
         if not self.temperature > 0:
-            raise ValueError(f"config.rollout.temperature={self.temperature} must be > 0: PPO "
-                             "needs the sampling distribution's log-probs (logits / T)")
+            raise UserError("config.rollout.temperature", f"{self.temperature} must be > 0: "
+                            "PPO needs the sampling distribution's log-probs (logits / T)")
 
 
 def _with_value_head(s: Settings, params: dict) -> dict:
@@ -413,8 +414,8 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
 
 def _model_config(meta: Mapping, field: str, path: str) -> models.ModelConfig:
     if "model_config" not in meta:
-        raise ValueError(f"config.{field}={path!r}: the checkpoint metadata has no "
-                         "'model_config'; is this the work dir of an SFT / RM stage?")
+        raise UserError(f"config.{field}", f"{path!r}: the checkpoint metadata has no "
+                        "'model_config'", "give the work dir of an SFT / RM stage")
     # Dropout off in every stage (Huang et al. 2023): PPO's ratio and KL assume a deterministic
     # policy, and the sampler never applies dropout.
     return models.ModelConfig.from_dict(dict(meta["model_config"])).replace(dropout=0.0)
@@ -425,8 +426,8 @@ def _check_tree(params: dict, cfg: models.ModelConfig, heads: tuple[str, ...], f
     want = jax.tree.map(lambda x: tuple(x.shape), models.abstract_params(cfg, heads))
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     if want != got:
-        raise ValueError(f"config.{field}={path!r}: params do not match the checkpoint's "
-                         f"model_config with heads {heads} (different tree or shapes)")
+        raise UserError(f"config.{field}", f"{path!r}: params do not match the checkpoint's "
+                        f"model_config with heads {heads} (different tree or shapes)")
 
 
 def value_params_from_rm(rm_params: dict, gain: float, bias: float) -> dict:
@@ -481,48 +482,49 @@ class PPOBatches:
 def _positive(config, path: str, value, kind=(int, float), strict=True):
     if isinstance(value, bool) or not isinstance(value, kind) or not (
             value > 0 if strict else value >= 0):
-        raise ValueError(f"config.{path}={value!r} must be {'>' if strict else '>='} 0")
+        raise UserError(f"config.{path}", f"{value!r} must be {'>' if strict else '>='} 0")
 
 
 def validate_config(config) -> None:
     """PPO fields, checked before anything loads or compiles (the Trainer checks the rest)."""
     if config.value_from not in VALUE_FROM:
-        raise ValueError(f"config.value_from={config.value_from!r} must be one of {VALUE_FROM}")
+        raise UserError("config.value_from", f"{config.value_from!r} must be one of "
+                        f"{VALUE_FROM}")
     for field in ("init_from", "reward_from"):
         if not config[field]:
-            raise ValueError(f"config.{field} is empty: give the work dir of the "
-                             f"{'SFT' if field == 'init_from' else 'reward model'} stage "
-                             f"(--config.{field}=<dir>)")
+            raise UserError(f"config.{field}", "is empty", "give the work dir of the "
+                            f"{'SFT' if field == 'init_from' else 'reward model'} stage "
+                            f"(--config.{field}=<dir>)")
     r, p, k, x, e = config.rollout, config.ppo, config.kl, config.ptx, config.eval
     _positive(config, "rollout.max_new_tokens", r.max_new_tokens, int)
     _positive(config, "rollout.temperature", r.temperature)
     _positive(config, "ppo.epochs", p.epochs, int)
     _positive(config, "ppo.minibatches", p.minibatches, int)
     if config.train.batch_size % p.minibatches:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} (episodes per "
-                         f"update) is not divisible by config.ppo.minibatches={p.minibatches}")
+        raise UserError("config.ppo.minibatches", f"{p.minibatches} does not divide "
+                        f"config.train.batch_size={config.train.batch_size} (episodes per update)")
     if config.train.accum_steps != 1:
-        raise ValueError("config.train.accum_steps must be 1 for PPO: minibatching is "
-                         "config.ppo.minibatches")
+        raise UserError("config.train.accum_steps", "must be 1 for PPO",
+                        "minibatching is config.ppo.minibatches")
     for name in ("clip", "value_clip"):
         _positive(config, f"ppo.{name}", p[name])
     for name in ("vf_coef", "ent_coef"):
         _positive(config, f"ppo.{name}", p[name], strict=False)
     for name in ("gamma", "lam"):
         if not 0.0 <= p[name] <= 1.0:
-            raise ValueError(f"config.ppo.{name}={p[name]!r} must lie in [0, 1]")
+            raise UserError(f"config.ppo.{name}", f"{p[name]!r} must lie in [0, 1]")
     if k.mode not in KL_MODES:
-        raise ValueError(f"config.kl.mode={k.mode!r} must be one of {KL_MODES}")
+        raise UserError("config.kl.mode", f"{k.mode!r} must be one of {KL_MODES}")
     if k.loss_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"config.kl.loss_estimator={k.loss_estimator!r} must be one of "
-                         f"{KL_ESTIMATORS}")
+        raise UserError("config.kl.loss_estimator", f"{k.loss_estimator!r} must be one of "
+                        f"{KL_ESTIMATORS}")
     _positive(config, "kl.beta", k.beta, strict=False)
     if k.adaptive:
         _positive(config, "kl.target", k.target)
         _positive(config, "kl.horizon", k.horizon)
         if k.beta == 0:
-            raise ValueError("config.kl.beta=0 with config.kl.adaptive=True: the controller "
-                             "multiplies beta, so it would stay 0; start from beta > 0")
+            raise UserError("config.kl.beta", "0 with config.kl.adaptive=True: the controller "
+                            "multiplies beta, so it would stay 0", "start from beta > 0")
     _positive(config, "ptx.coef", x.coef, strict=False)
     if x.coef > 0:
         _positive(config, "ptx.rows_per_minibatch", x.rows_per_minibatch, int)
@@ -533,11 +535,11 @@ def validate_config(config) -> None:
 
     for name in e.gold_judges:
         if name not in available_judges():
-            raise ValueError(f"config.eval.gold_judges: unknown judge {name!r}; registered: "
-                             f"{available_judges()}")
+            raise UserError("config.eval.gold_judges", f"unknown judge {name!r}",
+                            f"registered: {available_judges()}")
     if e.gold and e.gold not in e.gold_judges:
-        raise ValueError(f"config.eval.gold={e.gold!r} must be one of config.eval.gold_judges="
-                         f"{tuple(e.gold_judges)} (or '' for none)")
+        raise UserError("config.eval.gold", f"{e.gold!r} must be one of config.eval.gold_judges="
+                        f"{tuple(e.gold_judges)} (or '' for none)")
 
 
 def settings_from_config(config, policy: models.ModelConfig, reward: models.ModelConfig,
@@ -564,7 +566,7 @@ def _encode_prompts(tokenizer, texts: list[str], max_len: int, what: str):
     from rlhf_jax.data.tokenize import encode_prompts
 
     if not texts:
-        raise ValueError(f"{what}: no prompts (check config.data)")
+        raise UserError("config.data.source", f"{what}: no prompts")
     arrays, stats = encode_prompts(tokenizer, texts, max_len)
     if stats["truncated"]:
         log.warning("%s: %d of %d prompts longer than config.data.max_prompt_len=%d kept their "
@@ -615,16 +617,17 @@ def run(config) -> dict:
     rm_params = {k: v for k, v in rm_params.items() if k != "lm_head"}
     _check_tree(rm_params, rm_cfg, ("score",), "reward_from", config.reward_from)
     if rm_cfg.vocab_size != policy_cfg.vocab_size:
-        raise ValueError(f"config.reward_from: the RM's vocab_size {rm_cfg.vocab_size} differs "
-                         f"from the policy's {policy_cfg.vocab_size}; both must share one "
-                         "tokenizer")
+        raise UserError("config.reward_from", f"the RM's vocab_size {rm_cfg.vocab_size} differs "
+                        f"from the policy's {policy_cfg.vocab_size}",
+                        "both must share one tokenizer")
     reward_norm = rm_meta.get("reward_norm")
     if reward_norm is None:
         log.warning("config.reward_from=%s has no reward_norm metadata: using raw RM scores",
                     config.reward_from)
     tokenizer_dir = sft_meta.get("tokenizer_dir")
     if not tokenizer_dir:
-        raise ValueError(f"config.init_from={config.init_from!r}: metadata has no tokenizer_dir")
+        raise UserError("config.init_from", f"{config.init_from!r}: metadata has no "
+                        "tokenizer_dir")
     if rm_meta.get("tokenizer_dir") and str(rm_meta["tokenizer_dir"]) != str(tokenizer_dir):
         log.warning("policy tokenizer %s and RM tokenizer %s are different directories",
                     tokenizer_dir, rm_meta["tokenizer_dir"])

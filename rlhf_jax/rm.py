@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models, sharding
+from rlhf_jax.errors import UserError
 from rlhf_jax.rewards import (NORM_METHODS, fit_norm, reference_rewards, score_batches,
                               score_sequences)
 
@@ -203,26 +204,29 @@ CANDIDATE_SOURCES = ("dataset", "policy", "mixed")
 
 def _validate(config) -> None:
     if not config.init_from:
-        raise ValueError("config.init_from is empty: the reward model starts from a finished SFT "
-                         "stage's work dir (or 'zoo:<preset>' / 'hf:<dir>')")
+        raise UserError("config.init_from", "is empty: the reward model starts from a finished "
+                        "SFT stage", "give its work dir (or 'zoo:<preset>' / 'hf:<dir>')")
     if config.loss.kind not in LOSS_KINDS:
-        raise ValueError(f"config.loss.kind={config.loss.kind!r} must be one of {LOSS_KINDS}")
+        raise UserError("config.loss.kind", f"{config.loss.kind!r} must be one of {LOSS_KINDS}")
     if config.loss.margin and config.loss.kind == "best_of_k":
-        raise ValueError("config.loss.margin applies to the pairwise / kwise losses, not best_of_k")
+        raise UserError("config.loss.margin", "applies to the pairwise / kwise losses, not "
+                        "best_of_k", "set it to 0 or pick another config.loss.kind")
     if config.norm.method not in NORM_METHODS:
-        raise ValueError(f"config.norm.method={config.norm.method!r} must be one of {NORM_METHODS}")
+        raise UserError("config.norm.method", f"{config.norm.method!r} must be one of "
+                        f"{NORM_METHODS}")
     if config.data.candidates not in CANDIDATE_SOURCES:
-        raise ValueError(f"config.data.candidates={config.data.candidates!r} must be one of "
-                         f"{CANDIDATE_SOURCES}")
+        raise UserError("config.data.candidates", f"{config.data.candidates!r} must be one of "
+                        f"{CANDIDATE_SOURCES}")
     kind = config.data.source.kind
     if kind not in ("sim",) + PREFERENCE_FILE_KINDS:
-        raise ValueError(f"config.data.source.kind={kind!r} must be 'sim' or 'preference_files'")
+        raise UserError("config.data.source.kind", f"{kind!r} must be 'sim' or "
+                        "'preference_files'")
     if kind != "sim" and config.data.candidates != "dataset":
-        raise ValueError("config.data.candidates='policy'/'mixed' needs the simulated world's "
-                         "annotators (data.source.kind='sim')")
+        raise UserError("config.data.candidates", "'policy'/'mixed' needs the simulated world's "
+                        "annotators", "use data.source.kind='sim' or candidates='dataset'")
     if config.train.epochs < 0:
-        raise ValueError(f"config.train.epochs={config.train.epochs} must be >= 0 (0: use "
-                         "config.train.steps)")
+        raise UserError("config.train.epochs", f"{config.train.epochs} must be >= 0 (0: use "
+                        "config.train.steps)")
 
 
 def _tokenizer(config, meta):
@@ -233,8 +237,8 @@ def _tokenizer(config, meta):
     if meta.get("tokenizer_dir"):
         return AutoTokenizer.from_pretrained(meta["tokenizer_dir"]), str(meta["tokenizer_dir"])
     if config.data.source.kind != "sim":
-        raise ValueError("config.tokenizer is empty and init_from gives none: set "
-                         "--config.tokenizer=<a Hugging Face tokenizer directory>")
+        raise UserError("config.tokenizer", "is empty and init_from gives none",
+                        "set --config.tokenizer=<a Hugging Face tokenizer directory>")
     from rlhf_jax.sim.tokenizer import world_tokenizer
 
     tok, path = world_tokenizer(int(config.data.source.seed))
@@ -263,19 +267,20 @@ def load_preference_records(source) -> tuple[dict[str, list[dict]], dict[str, di
                "data_dir"}
     unknown = sorted(set(src) - allowed)
     if unknown:
-        raise ValueError(f"config.data.source: unknown field(s) {unknown} for kind "
-                         f"'preference_files'; allowed: {sorted(allowed)}")
+        raise UserError("config.data.source", f"unknown field(s) {unknown} for kind "
+                        "'preference_files'", f"allowed: {sorted(allowed)}")
     if src.get("format") not in pf.FORMATS:
-        raise ValueError(f"config.data.source.format={src.get('format')!r} must be one of "
-                         f"{sorted(pf.FORMATS)}")
+        raise UserError("config.data.source.format", f"{src.get('format')!r} must be one of "
+                        f"{sorted(pf.FORMATS)}")
     splits = {}
     for split in ("train", "eval"):
         files = _files(src.get(split))
         if not files:
-            raise ValueError(f"config.data.source.{split} names no file")
+            raise UserError(f"config.data.source.{split}", "names no file",
+                            "give one or more preference data files")
         for f in files:
             if not os.path.isfile(f):
-                raise FileNotFoundError(f"config.data.source.{split}: no such file {f!r}")
+                raise UserError(f"config.data.source.{split}", f"no such file {f!r}")
         splits[split] = {"format": src["format"], "files": files,
                          "skip_bad_rows": bool(src.get("skip_bad_rows", False))}
         if src.get(f"{split}_split"):
@@ -330,7 +335,8 @@ def _encode(tokenizer, records, max_len):
     from rlhf_jax.data import tokenize
 
     if not records:
-        raise ValueError("no comparisons to encode (every row was dropped or the split is empty)")
+        raise UserError("config.data.source", "no comparisons to encode (every row was dropped "
+                        "or the split is empty)")
     batch, stats = tokenize.encode_comparisons(
         tokenizer, [r["prompt"] for r in records], [r["responses"] for r in records],
         [r["ranks"] for r in records], max_len)
@@ -389,14 +395,16 @@ def run(config) -> dict:
     cfg, init_params, meta = resolve_init(config.init_from)
     tokenizer, tok_dir = _tokenizer(config, meta)
     if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"tokenizer at {tok_dir} has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
+        raise UserError("config.tokenizer" if config.tokenizer else "config.init_from",
+                        f"the tokenizer at {tok_dir} has {len(tokenizer)} tokens but the model's "
+                        f"vocab_size is {cfg.vocab_size}", "use the model's own tokenizer")
     cfg = cfg.replace(dropout=0.0)  # Huang et al. 2023: dropout off in every stage
     pad_id, eos_id = tokenize.special_ids(tokenizer)
     policy_params = init_params  # the frozen reference policy: the SFT model itself
     if not cfg.tie_embeddings and "lm_head" not in policy_params:
-        raise ValueError(f"init_from={config.init_from!r} holds no LM head: the reward model needs "
-                         "the SFT policy (to sample for normalisation), not an RM checkpoint")
+        raise UserError("config.init_from", f"{config.init_from!r} holds no LM head: the reward "
+                        "model needs the SFT policy (to sample for normalisation)",
+                        "give the SFT stage's work dir, not an RM checkpoint")
 
     # -- data ---------------------------------------------------------------------------------
     src = config.data.source

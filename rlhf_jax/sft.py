@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 
 from rlhf_jax import handoff, models
+from rlhf_jax.errors import UserError
 from rlhf_jax.ops import lm_loss_sums
 
 
@@ -27,8 +28,8 @@ def _tokenizer_for(config, meta):
     if meta.get("tokenizer_dir"):
         return AutoTokenizer.from_pretrained(meta["tokenizer_dir"]), meta["tokenizer_dir"]
     if config.data.source.kind != "sim":
-        raise ValueError("config.tokenizer is empty and init_from gives none: set "
-                         "--config.tokenizer=<a Hugging Face tokenizer directory>")
+        raise UserError("config.tokenizer", "is empty and init_from gives none",
+                        "set --config.tokenizer=<a Hugging Face tokenizer directory>")
     from rlhf_jax.sim.tokenizer import world_tokenizer
 
     tok, path = world_tokenizer(int(config.data.source.seed))
@@ -60,7 +61,7 @@ def run(config) -> dict:
     from rlhf_jax.sim.judges import get_judge
 
     if config.objective not in ("sft", "pretrain"):
-        raise ValueError(f"config.objective={config.objective!r} must be 'sft' or 'pretrain'")
+        raise UserError("config.objective", f"{config.objective!r} must be 'sft' or 'pretrain'")
     fallback = None
     if not config.init_from:
         fallback = models.preset(config.model.preset)
@@ -71,8 +72,9 @@ def run(config) -> dict:
     cfg = cfg.replace(dropout=float(config.model.dropout), remat=config.model.remat,
                       scan_layers=bool(config.model.scan_layers))
     if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"tokenizer at {tok_dir} has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
+        raise UserError("config.tokenizer" if config.tokenizer else "config.init_from",
+                        f"the tokenizer at {tok_dir} has {len(tokenizer)} tokens but the model's "
+                        f"vocab_size is {cfg.vocab_size}", "use the model's own tokenizer")
 
     train_batch, train_stats, _ = _encode(config, tokenizer, "train")
     eval_batch, eval_stats, eval_prompts = _encode(config, tokenizer, "eval")

@@ -148,15 +148,15 @@ def test_ppo_hf_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--config.kl.mode=both", "config.kl.mode='both'"),
-    ("--config.value_from=critic", "config.value_from='critic'"),
-    ("--config.ppo.minibatches=3", "config.ppo.minibatches=3"),
-    ("--config.eval.gold=oracle", "config.eval.gold='oracle'"),
-    ("--config.rollout.temperature=0.0", "config.rollout.temperature=0.0"),
+    ("--config.kl.mode=both", "config.kl.mode: 'both'"),
+    ("--config.value_from=critic", "config.value_from: 'critic'"),
+    ("--config.ppo.minibatches=3", "config.ppo.minibatches: 3"),
+    ("--config.eval.gold=oracle", "config.eval.gold: 'oracle'"),
+    ("--config.rollout.temperature=0.0", "config.rollout.temperature: 0.0"),
 ])
 def test_config_errors_name_the_field(override, match, tmp_path):
     config = _config("ppo_sim.py:smoke", tmp_path / "w", "sft", "rm", override)
     with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("(", r"\(")):
         ppo.run(config)
-    with pytest.raises(ValueError, match="config.init_from is empty"):
+    with pytest.raises(ValueError, match="config.init_from: is empty"):
         ppo.run(_config("ppo_sim.py:smoke", tmp_path / "w", "", "rm"))

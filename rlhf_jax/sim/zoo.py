@@ -41,6 +41,13 @@ def base_model_config(preset: str, **overrides):
 
 def base_model(preset: str, **overrides) -> Path:
     """Work dir of the pretrained base model `preset` (trains it if not cached)."""
+    from rlhf_jax.models import PRESETS
+
+    if preset not in PRESETS:
+        from rlhf_jax.errors import UserError
+
+        raise UserError("config.init_from", f"zoo:{preset} is not in the model zoo",
+                        f"choose one of {', '.join('zoo:' + p for p in sorted(PRESETS))}")
     return ensure_pretrained(base_model_config(preset, **overrides))
 
 
