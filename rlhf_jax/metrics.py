@@ -1,4 +1,5 @@
-"""Metric writer: `metrics.jsonl` + TensorBoard events + `summary.json`, written by process 0."""
+"""Metric writer: `metrics.jsonl` + TensorBoard events + `summary.json`, written by process 0;
+and the progress bar every loop shows (`progress_bar`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,29 @@ def to_python(value):
             return f if math.isfinite(f) else str(f)
         return [to_python(v) for v in arr]
     return str(value)
+
+
+# When stderr is a file or pipe (a job log), a bar redraws at most this often: each redraw is
+# a line's worth of text in the log, and a terminal's 10 redraws a second would be thousands.
+NON_TTY_REDRAW_SECONDS = 30.0
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = "", disable: bool = False,
+                 file=None):
+    """A tqdm bar on stderr: live on a terminal, one redraw per ~30 s in a log file.
+
+    Update its postfix with `bar.set_postfix(..., refresh=False)`: a forced refresh would
+    redraw on every call whatever the interval.
+    """
+    from tqdm import tqdm
+
+    file = sys.stderr if file is None else file
+    isatty = getattr(file, "isatty", lambda: False)
+    tty = bool(isatty())
+    kwargs = dict(dynamic_ncols=True, smoothing=0.1) if tty else dict(
+        mininterval=NON_TTY_REDRAW_SECONDS, maxinterval=NON_TTY_REDRAW_SECONDS, ncols=100,
+        ascii=True, smoothing=0.1)
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, **kwargs)
 
 
 def _summary_writer_class():
