@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,11 +82,33 @@ def _is_main_process() -> bool:
         return True
 
 
+SAMPLES_FILE = "samples.md"
+_SECTION = re.compile(r"^## step (\d+)\b", re.MULTILINE)
+
+
+def truncate_samples(path: Path, step: int) -> None:
+    """Drop the `## step N` sections of a samples file with N > `step` (all of them if `step` is
+    0: no checkpoint), so a resumed run does not leave two tables for one step."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    starts = [(m.start(), int(m.group(1))) for m in _SECTION.finditer(text)]
+    cut = next((pos for pos, n in starts if n > step or step == 0), None)
+    if cut is None:
+        return
+    # Sections are appended in step order, so everything from the first later one goes.
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text[:cut].rstrip("\n") + ("\n" if text[:cut].strip() else ""))
+    os.replace(tmp, path)
+
+
 class MetricWriter:
     """Appends `{"step": s, **metrics}` lines to `workdir/metrics.jsonl` and TensorBoard scalars.
 
     `resume_step`: when resuming from a checkpoint at that step, records of later steps (written
-    by the interrupted run after its last checkpoint) are dropped, so the file holds one history.
+    by the interrupted run after its last checkpoint) are dropped, so the file holds one history;
+    so are the later `## step N` sections of `workdir/samples.md` (the stages' sample tables),
+    which the resumed run writes again. `resume_step=0` (no checkpoint) drops every record.
     """
 
     def __init__(self, workdir: str | Path, resume_step: int | None = None,
@@ -99,6 +122,8 @@ class MetricWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
+        if resume_step is not None:
+            truncate_samples(self.workdir / SAMPLES_FILE, resume_step)
         if tensorboard:
             SummaryWriter = _summary_writer_class()
             purge = None if resume_step is None else resume_step + 1
@@ -112,7 +137,7 @@ class MetricWriter:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write
-            if rec.get("step", 0) <= step:
+            if rec.get("step", 0) <= step and step > 0:
                 kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -215,6 +215,12 @@ class WorkdirRecord:
         history = list(prov.get("history", [])) if isinstance(prov, dict) else []
         if self._entry is not None:
             history.append(self._entry)
+        if self._entry is not None:
+            log.info("%s: resumed at step %d with changed fields %s (recorded in %s)",
+                     self.workdir, self._entry["resumed_at_step"],
+                     ", ".join(f"{f}: {_short(a)} -> {_short(b)}"
+                               for f, (a, b) in self._entry["changes"].items()),
+                     PROVENANCE_FILE)
         _write_atomic(self.workdir / CONFIG_FILE,
                       json.dumps(self.config, indent=2, sort_keys=True))
         _write_atomic(self.workdir / PROVENANCE_FILE, json.dumps(
@@ -264,6 +270,4 @@ def check_workdir(config, workdir: str | Path, *, write: bool = True) -> Workdir
         "changes": {f: list(v) for f, v in changes.items()},
         "opted_in": sorted(f for f in changes if f in _user_allowed),
     }
-    log.info("resuming %s at step %d with changed fields %s", workdir, steps[-1],
-             ", ".join(f"{f}: {_short(a)} -> {_short(b)}" for f, (a, b) in changes.items()))
     return WorkdirRecord(workdir, new, new_hash, write, entry, pending=True)

@@ -146,7 +146,8 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> ModelConfig:
                        and int(hf.get("max_window_layers", 0)) < int(hf["num_hidden_layers"])):
             raise HFCheckpointError(
                 source, f"use_sliding_window / layer_types put sliding-window attention on "
-                f"layers {sliding or 'from max_window_layers on'}; only full attention is implemented")
+                f"layers {sliding or 'from max_window_layers on'}; only full attention is "
+                "implemented")
     if model_type == "mistral":
         window = hf.get("sliding_window")
         if window is not None and int(window) < int(hf["max_position_embeddings"]):
@@ -188,7 +189,8 @@ def _export_model_type(cfg: ModelConfig) -> str:
     if (want == "qwen2") != cfg.qkv_bias:
         raise HFCheckpointError(
             "model.hf_model_type", f"{want!r} with model.qkv_bias={cfg.qkv_bias}: Hugging Face has "
-            "q/k/v biases without an o_proj bias only in qwen2", "use hf_model_type='qwen2' iff qkv_bias")
+            "q/k/v biases without an o_proj bias only in qwen2",
+            "use hf_model_type='qwen2' iff qkv_bias")
     return want
 
 
@@ -374,7 +376,8 @@ class _Reader:
                 full = os.path.join(path, fname)
                 if self.file_of.get(name) != full:
                     raise HFCheckpointError(
-                        full, f"tensor {name!r} is missing from {full} (where {self.index} puts it)")
+                        full, f"tensor {name!r} is missing from {full} (where {self.index} puts "
+                        "it)")
         self.used: set[str] = set()
 
     def where(self, name: str) -> str:
@@ -392,7 +395,8 @@ class _Reader:
         got = self.shape(name)
         if got != tuple(shape):
             raise HFCheckpointError(
-                self.file_of[name], f"tensor {name!r} has shape {got}, but {why} needs {tuple(shape)}")
+                self.file_of[name],
+                f"tensor {name!r} has shape {got}, but {why} needs {tuple(shape)}")
         self.used.add(name)
         return self._handles[self.file_of[name]].get_tensor(name)
 
