@@ -171,8 +171,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules | None = None,
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}. "
-                             "Add it with config.sharding_rules, e.g. [[\"" + name + "\", None]]")
+            raise UserError("config.sharding_rules", f"logical axis {name!r} has no sharding "
+                            f"rule (known: {sorted(table)})",
+                            f"add one, e.g. (({name!r}, None),)")
         target = table[name]
         mesh_axes = () if target is None else ((target,) if isinstance(target, str) else target)
         mesh_axes = tuple(a for a in mesh_axes if a not in used)

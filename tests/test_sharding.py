@@ -53,7 +53,7 @@ def test_logical_to_spec():
     # Activations: batch already takes fsdp, so embed must not reuse it.
     assert sharding.logical_to_spec(("batch", "length", "embed")) == P(("data", "fsdp"))
     assert sharding.logical_to_spec((None, "vocab")) == P(None, "tensor")
-    with pytest.raises(ValueError, match="'embd' has no sharding rule"):
+    with pytest.raises(ValueError, match="'embd' has no sharding"):
         sharding.logical_to_spec(("embd", "mlp"))
 
 
