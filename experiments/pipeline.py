@@ -68,6 +68,9 @@ def validate(config) -> None:
     for name, stage_cfg in stages.items():
         cfg = _child(stage_cfg, init_from="<sft>", reward_from="<rm>") \
             if "reward_from" in stage_cfg else _child(stage_cfg, init_from="<sft>")
+        if cfg.train.get("epochs", 0) > 0:  # steps come from the data: any count >= warmup
+            config_utils.set_dotted(cfg, "train.steps", max(cfg.train.steps,
+                                                            cfg.optim.warmup_steps, 1))
         config_utils.validate(cfg, jax.device_count())
         module = rm if name == "rm" else (importlib.import_module(METHODS[name][0])
                                           if name in METHODS else None)

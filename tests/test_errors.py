@@ -145,7 +145,7 @@ def _cases(e) -> list[tuple[str, list[str], str]]:
         # SFT
         ("sft objective", sft + [new("s1"), "--config.objective=rl"], "config.objective: 'rl'"),
         ("zoo preset", sft + [new("s2"), "--config.init_from=zoo:sim-9m"],
-         "config.init_from: zoo:sim-9m is not in the model zoo; choose one of zoo:sim-0.1m"),
+         "config.init_from: zoo:sim-9m is not a base model of the zoo; use zoo:<one of sim-0.1m"),
         ("empty jsonl", sft + [new("s3"), f"--config.data.source.train={r / 'empty.jsonl'}"],
          f"{r / 'empty.jsonl'}: no usable example"),
         ("rerun, other lr", rerun + ["--config.optim.lr=1e-3"],
@@ -163,13 +163,13 @@ def _cases(e) -> list[tuple[str, list[str], str]]:
         ("rm tokenizer/model mismatch",
          rm_hh + [new("r5"), f"--config.tokenizer={r / 'big_tok'}",
                   f"--config.data.source.train=('{FIX / 'hh_rlhf.jsonl'}',)"],
-         "config.tokenizer: the tokenizer at"),
+         "config.tokenizer: the tokenizer has 402 tokens but the model's vocab_size is 300"),
         # PPO
         ("ppo mesh", ppo + [new("p2"), "--config.mesh.data=3", "--config.init_from=a",
                             "--config.reward_from=b"], "config.mesh.data: "),
         ("ppo missing reward model", ppo + [new("p3"), f"--config.init_from={e['stage']}",
                                             f"--config.reward_from={r / 'no_rm'}"],
-         f"{r / 'no_rm'}: no such directory"),
+         f"config.reward_from: no finished stage output at {r / 'no_rm' / 'final'}"),
         # the pipeline
         ("pipeline unknown field", pipe + ["--config.sft.optim.lrr=1"],
          "--config.sft.optim.lrr=1: config.sft.optim has no field 'lrr'"),
@@ -221,5 +221,5 @@ def test_verbose_adds_the_traceback(env):
                  f"--config.workdir={env['root'] / 'w' / 'v'}", "--config.objective=rl"], env)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "sft.py" in proc.stderr
-    assert proc.stderr.splitlines()[-1] == ("error: config.objective: 'rl' must be 'sft' or "
-                                            "'pretrain'")
+    assert proc.stderr.splitlines()[-1] == ("error: config.objective: 'rl' is not an objective; "
+                                            "use one of ('sft', 'pretrain')")
