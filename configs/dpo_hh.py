@@ -39,8 +39,6 @@ def get_config(arg: str | None = None):
         pairs="all_pairs",
         max_len=64 if smoke else 512,  # the prompt loses tokens from the left to fit
     ))
-    c.policy_data = ml_collections.ConfigDict(dict(  # unused with candidates=dataset
-        max_prompt_len=32, max_new_tokens=8, temperature=1.0, batch_size=8))
     c.dpo = ml_collections.ConfigDict(dict(loss=preset.get("loss", "sigmoid"), beta=0.1,
                                            label_smoothing=0.0, reference="precompute"))
     c.eval = config_utils.policy_eval_config(

@@ -35,7 +35,9 @@ def get_config(arg: str | None = None):
                     flip_prob=0.0, pool="default", num_buckets=4),
         candidates=preset.get("candidates", "dataset"),  # dataset | policy | mixed
         # K-wise rankings -> pairs: every pair with different ranks, or the best vs the rest.
-        pairs=preset.get("pairs", "all_pairs"),
+        # best_vs_rest: K - 1 pairs per ranking; at half the steps of all_pairs it reached the
+        # same gold (README, DPO).
+        pairs=preset.get("pairs", "best_vs_rest"),
         max_len=32,  # prompt + response + EOS (the world's 99th percentile is 30 tokens)
     ))
     # Sampling settings for candidates=policy / mixed (on-policy pairs).
@@ -53,7 +55,7 @@ def get_config(arg: str | None = None):
     c.eval = config_utils.policy_eval_config(num_prompts=16 if smoke else 256,
                                              batch_size=16 if smoke else 128)
 
-    c.optim.lr = 1e-3 if smoke else 5e-5
+    c.optim.lr = 1e-3 if smoke else 1e-4
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 0 if smoke else 20
     c.optim.end_lr_ratio = 0.1

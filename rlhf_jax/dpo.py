@@ -113,9 +113,9 @@ def validate_config(config) -> None:
 def load_pairs(config, source, policy, tokenizer, place) -> tuple[dict, dict, dict]:
     """(arrays per split with `tokens`, `mask`, `response_mask` [N, 2, L] and `weight`, records
     per split, stats): the comparisons as (chosen, rejected) pairs."""
-    sample = evaluation.policy_sampler(policy, tokenizer, config.policy_data,
-                                       place.key(Purpose.POLICY_DATA), place)
-    records, stats = preferences.load_comparisons(source, config.data.candidates, sample)
+    records, stats = preferences.load_comparisons(
+        source, config.data.candidates,
+        evaluation.policy_candidates(config, policy, tokenizer, place))
     arrays, pairs = {}, {}
     for split in ("train", "eval"):
         pairs[split], pst = preferences.to_pairs(records[split], config.data.pairs)

@@ -23,6 +23,7 @@ import numpy as np
 from rlhf_jax import models, ops, rewards, sampling
 from rlhf_jax.data import tokenize
 from rlhf_jax.errors import UserError
+from rlhf_jax.rng import Purpose
 
 # ---------------------------------------------------------------------------------- sampling
 
@@ -77,6 +78,16 @@ def policy_sampler(policy, tokenizer, settings, key, place=None) -> Callable:
                             batch_size=int(settings.batch_size), place=place)
 
     return sample
+
+
+def policy_candidates(config, policy, tokenizer, place) -> Callable | None:
+    """The sampler `preferences.load_comparisons` draws policy candidates with: the policy at
+    `config.policy_data`'s settings when `config.data.candidates` asks for policy samples;
+    None for `dataset` (a real-data config then needs no `policy_data` block)."""
+    if config.data.candidates == "dataset":
+        return None
+    return policy_sampler(policy, tokenizer, config.policy_data,
+                          place.key(Purpose.POLICY_DATA), place)
 
 
 def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:

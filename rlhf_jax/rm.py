@@ -232,8 +232,7 @@ def run(config) -> dict:
 
     records, load_stats = preferences.load_comparisons(
         source, config.data.candidates,
-        evaluation.policy_sampler(policy, tokenizer, config.policy_data,
-                                  place.key(Purpose.POLICY_DATA), place))
+        evaluation.policy_candidates(config, policy, tokenizer, place))
     train_arrays, train_enc = preferences.encode_records(tokenizer, records["train"],
                                                          config.data.max_len, "train comparisons")
     eval_arrays, eval_enc = preferences.encode_records(tokenizer, records["eval"],
