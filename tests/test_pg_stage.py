@@ -1,34 +1,23 @@
 """Two-update smoke runs of the critic-free stage (rlhf_jax.pg) through the real flag parsing:
 configs/pg_sim.py for each method preset, configs/pg_hf.py on a tiny random GPT-2, and config
-errors. The SFT and RM "stages" are tiny random checkpoints (tests/test_ppo_stage.py's)."""
+errors. The SFT and RM "stages" are tiny random checkpoints (tests/_sim_stages.py)."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint, config_utils, models, pg
-from rlhf_jax.data import tokenize
 from rlhf_jax.metrics import read_metrics
 
 from tests._hf_tiny import tiny_gpt2
+from tests._sim_stages import sim_stage_dirs
 from tests.test_ppo_stage import FIX, ROOT, _stage_dirs
 
 
 @pytest.fixture(scope="module")
 def sim_dirs(tmp_path_factory):
-    from rlhf_jax.sim.tokenizer import world_tokenizer
-
-    tok, tok_dir = world_tokenizer(0)
-    cfg = models.ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                             max_len=64)
-    # A random policy whose (tied) EOS embedding is scaled up, so some responses end and the
-    # rewards of a group differ (with none ending, the EOS trick gives every response -1).
-    _, eos = tokenize.special_ids(tok)
-    policy = jax.tree.map(np.array, models.init_params(cfg, jax.random.key(0), ("lm",)))
-    policy["embed"]["embedding"][eos] *= 20.0
-    return _stage_dirs(tmp_path_factory.mktemp("pg_sim"), cfg, tok_dir, policy)
+    return sim_stage_dirs(tmp_path_factory.mktemp("pg_sim"))
 
 
 def _config(file_arg, workdir, sft, rmd, *extra):
