@@ -185,16 +185,12 @@ def tokenizer_for(tokenizer_field: str, meta: Mapping, source: Mapping | None = 
                   field: str = "config.tokenizer"):
     """(tokenizer, directory): `config.tokenizer` if set, else the one `init_from` recorded,
     else (simulated world only) the world's own tokenizer."""
-    from transformers import AutoTokenizer
+    from rlhf_jax.data.tokenize import load_tokenizer
 
     path = tokenizer_field or meta.get("tokenizer_dir")
     if path:
-        try:
-            return AutoTokenizer.from_pretrained(str(path)), str(path)
-        except (OSError, ValueError) as e:
-            raise UserError(field if tokenizer_field else "config.init_from",
-                            f"cannot load a tokenizer from {str(path)!r} ({e})",
-                            "point config.tokenizer at a Hugging Face tokenizer directory") from e
+        where = field if tokenizer_field else "config.init_from (its recorded tokenizer_dir)"
+        return load_tokenizer(str(path), where), str(path)
     if source is None or source.get("kind") != "sim":
         raise UserError(field, "is empty and init_from records no tokenizer",
                         "set --config.tokenizer=<a Hugging Face tokenizer directory>")

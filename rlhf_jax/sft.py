@@ -104,6 +104,8 @@ def run(config) -> dict:
     eval_batch, eval_stats = _encode(config, source, tokenizer, "eval")
     log.info("%s data: train %s, eval %s", config.objective, train_stats, eval_stats)
 
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    state, _ = tr.create_state(init, models.param_axes(cfg, ("lm",)), optimizer)
     # The stage's output is self-contained: its tokenizer travels with it, so a later stage
     # never depends on a cache directory that may have been cleaned.
     tok_dir = tr.workdir / "tokenizer"
@@ -111,8 +113,6 @@ def run(config) -> dict:
         tokenizer.save_pretrained(str(tok_dir))
     tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=str(tok_dir.absolute()),
                        data_stats={"train": train_stats, "eval": eval_stats})
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    state, _ = tr.create_state(init, models.param_axes(cfg, ("lm",)), optimizer)
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng  # nothing frozen; dropout (off by default) would take the key
