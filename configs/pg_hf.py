@@ -15,9 +15,10 @@ steps.
 tokenizer (e.g. configs/rm_hh.py). `train.batch_size` counts prompts; each is sampled
 `pg.group_size` times. Each method's estimator, KL placement, aggregation and KL coefficient are
 its paper's (the table in configs/pg_sim.py; beta: RLOO 0.05, Ahmadian et al. 2024 / TRL; GRPO
-0.04, Shao et al. 2024; Dr. GRPO 0, Liu et al. 2025); one update per rollout batch with
-minibatches, clip 0.2, lr 1e-6 (Shao et al. 2024), 53-token responses with the EOS trick (Huang et al. 2024). No gold judge
-exists for real data: only the RM score, KL and diagnostics are logged.
+0.04, Shao et al. 2024; Dr. GRPO 0, Liu et al. 2025); one pass over each rollout batch in
+minibatches, clip 0.2, lr 1e-6 (Shao et al. 2024), 53-token responses with the EOS trick (Huang
+et al. 2024). No gold judge exists for real data: only the RM score, KL and diagnostics are
+logged.
 """
 
 import ml_collections

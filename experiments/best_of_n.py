@@ -143,7 +143,8 @@ def _print(summary: dict) -> None:
         n = r["n"]
         if n & (n - 1) == 0 or n == N:  # 1, 2, 4, 8, ... and N
             print(f"  {n:5d}   {r['kl_bon']:6.3f}  {r['kl_empirical']:12.3f}   "
-                  f"{r['gold']:+.3f} ± {r['gold_se']:.3f}   {r['proxy']:+.3f} ± {r['proxy_se']:.3f}")
+                  f"{r['gold']:+.3f} ± {r['gold_se']:.3f}   "
+                  f"{r['proxy']:+.3f} ± {r['proxy_se']:.3f}")
     peak = max(rows, key=lambda r: r["gold"])
     print(f"\n  verdict: best-of-{v['n']} gold {v['gold_bon']:+.3f} ± {v['gold_bon_se']:.3f} vs "
           f"SFT {v['gold_sft']:+.3f} ± {v['gold_sft_se']:.3f}: difference {v['diff']:+.3f} ± "
