@@ -1,0 +1,113 @@
+"""Weak-to-strong generalization on the simulated world: one (weak, strong, task, loss, seed) trial.
+
+    python -m rlhf_jax.w2s --config=configs/w2s_sim.py
+    python -m rlhf_jax.w2s --config=configs/w2s_sim.py:task=preference,loss=aux,seed=1
+    python -m rlhf_jax.w2s --config=configs/w2s_sim.py:tiny          # seconds, for tests
+    python -m rlhf_jax.w2s --config=configs/w2s_sim.py:task=jsonl \
+        --config.task.train=mine_train.jsonl --config.task.test=mine_test.jsonl \
+        --config.weak=hf:/models/gpt2 --config.strong=hf:/models/gpt2-large
+
+Preset keys: tiny, task (sentiment | preference | agreement | jsonl), weak, strong, loss
+(naive | aux), seed, schedule (reference | ramp).
+
+`get_sweep(arg)` lists every (weak <= strong) pair of the model sizes x {naive, aux} x seeds as
+dotted-override dicts; each names its own `workdir`, and all share `shared_dir`, where the weak
+supervisors and ceilings they have in common are trained once.
+"""
+
+import ml_collections
+
+from rlhf_jax import config_utils
+
+# The world's base-model zoo, small to large (rlhf_jax.models.PRESETS).
+SIZES = ("sim-0.1m", "sim-0.4m", "sim-1.6m")
+TINY_SIZES = ("sim-0.1m", "sim-0.4m")
+TINY_PRETRAIN_STEPS = 60  # the tiny preset's zoo models: cached after the first run
+
+
+def get_config(arg: str | None = None):
+    preset = config_utils.parse_preset(arg)
+    config_utils.check_preset_keys(
+        preset, ("tiny", "task", "weak", "strong", "loss", "seed", "schedule", "preset"),
+        __file__)
+    tiny = bool(preset.get("tiny")) or preset.get("preset") == "tiny"
+    sizes = TINY_SIZES if tiny else SIZES
+
+    c = config_utils.base_config()
+    c.workdir = "runs/w2s/trial"
+    c.shared_dir = "runs/w2s/shared"  # weak supervisors and ceilings, reused across trials
+    c.seed = int(preset.get("seed", 0))  # the A/B split, head init order and batches
+
+    def spec(name):
+        return name if ":" in name else f"zoo:{name}"
+
+    # zoo:<preset> | hf:<dir> | scratch:<preset> | a finished stage's work dir.
+    c.weak = spec(preset.get("weak", sizes[0]))
+    c.strong = spec(preset.get("strong", sizes[-1]))
+    c.medium = ""  # "" = none; else bootstrapping weak -> medium -> strong
+    # > 0: zoo models are pretrained for this many steps (tests); 0 = each preset's default.
+    c.zoo_pretrain_steps = TINY_PRETRAIN_STEPS if tiny else 0
+
+    task = preset.get("task", "sentiment")
+    c.task = ml_collections.ConfigDict(dict(
+        kind=task,
+        num_train=512 if tiny else 4000,  # halved: A for the weak supervisor, B for the students
+        num_test=256 if tiny else 1000,
+        world_seed=0,
+        judge="vader",  # preference: the gold judge that picks the better response
+        tie_margin=0.0,  # preference: pairs whose gold scores differ by <= this are dropped
+        # Text + EOS, in tokens: world sentences are <= 23 tokens, pairs <= 60 (measured).
+        max_len=32 if task == "sentiment" else 64,
+        train="",  # jsonl: files of {"text": ..., "label": 0 | 1}
+        test="",
+        skip_bad_rows=False,  # jsonl: skip and count malformed rows instead of stopping
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        kind=preset.get("loss", "naive"),  # naive: soft-label CE | aux: auxiliary confidence
+        alpha=0.5,  # the aux coefficient after warm-up (reference code: 0.5)
+        warmup_frac=0.1,  # share of training over which c warms up (reference code: 0.1)
+        schedule=preset.get("schedule", "reference"),  # reference (jumps) | ramp (the paper's)
+    ))
+    # The reference: Adam, cosine decay to 0, no warm-up, batch 32, 2 epochs. Our small
+    # pretrained models need a larger learning rate than GPT-2's 5e-5.
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.end_lr_ratio = 0.0
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    c.train.batch_size = 32
+    c.train.epochs = 2.0  # over the half a model trains on; sets train.steps
+    c.train.steps = 1  # set from epochs by the protocol
+    c.train.eval_every = 0  # test accuracy at the end only
+    c.train.eval_batches = 0  # unused: the whole test split is scored
+    c.train.ckpt_every = 1000
+    c.train.log_every = 10
+    c.eval_batch_size = 256
+    c.lock()
+    return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Every (weak <= strong) pair x {naive, aux} x seeds, as dotted overrides of get_config(arg).
+
+    `arg` takes the preset keys of get_config plus `seeds` (count, default 3) and `root` (where
+    trial work dirs go, default runs/w2s). Pairs with weak == strong are included (the reference
+    sweep runs them; their PGR has a near-zero denominator and is reported as such).
+    """
+    preset = config_utils.parse_preset(arg)
+    seeds = int(preset.pop("seeds", 3))
+    root = str(preset.pop("root", "runs/w2s"))
+    tiny = bool(preset.get("tiny")) or preset.get("preset") == "tiny"
+    sizes = TINY_SIZES if tiny else SIZES
+    task = preset.get("task", "sentiment")
+    out = []
+    for i, weak in enumerate(sizes):
+        for strong in sizes[i:]:
+            for loss in ("naive", "aux"):
+                for seed in range(seeds):
+                    out.append({
+                        "weak": f"zoo:{weak}", "strong": f"zoo:{strong}", "loss.kind": loss,
+                        "seed": seed, "shared_dir": f"{root}/shared",
+                        "workdir": f"{root}/{task}/{weak}_to_{strong}/{loss}/seed{seed}"})
+    return out
