@@ -8,7 +8,8 @@
         --config.weak=hf:/models/gpt2 --config.strong=hf:/models/gpt2-large
 
 Preset keys: tiny, task (sentiment | preference | agreement | jsonl), weak, strong, loss
-(naive | aux), seed, schedule (reference | ramp).
+(naive | aux), seed, schedule (reference | ramp); for get_sweep also seeds (how many) and root
+(where trial dirs go; get_config ignores both, so one arg serves both functions).
 
 `get_sweep(arg)` lists every (weak <= strong) pair of the model sizes x {naive, aux} x seeds as
 dotted-override dicts; each names its own `workdir`, and all share `shared_dir`, where the weak
@@ -28,8 +29,8 @@ TINY_PRETRAIN_STEPS = 60  # the tiny preset's zoo models: cached after the first
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(
-        preset, ("tiny", "task", "weak", "strong", "loss", "seed", "schedule", "preset"),
-        __file__)
+        preset, ("tiny", "task", "weak", "strong", "loss", "seed", "schedule", "preset", "seeds",
+                 "root"), __file__)
     tiny = bool(preset.get("tiny")) or preset.get("preset") == "tiny"
     sizes = TINY_SIZES if tiny else SIZES
 
@@ -96,9 +97,9 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     sweep runs them; their PGR has a near-zero denominator and is reported as such).
     """
     preset = config_utils.parse_preset(arg)
-    seeds = int(preset.pop("seeds", 3))
-    root = str(preset.pop("root", "runs/w2s"))
     tiny = bool(preset.get("tiny")) or preset.get("preset") == "tiny"
+    seeds = int(preset.get("seeds", 2 if tiny else 3))
+    root = str(preset.get("root", "runs/w2s_tiny" if tiny else "runs/w2s"))
     sizes = TINY_SIZES if tiny else SIZES
     task = preset.get("task", "sentiment")
     out = []

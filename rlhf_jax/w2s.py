@@ -222,7 +222,8 @@ def pgr_ci(acc_weak: Sequence[float], acc_w2s: Sequence[float], acc_ceiling: Seq
         "mean_gap": mean_gap, "mean_gain": float(gain.mean()),
         "method": "ratio of mean gains; delta-method CI with Student t (n - 1 df)"}
     if mean_gap == 0:
-        out.update(pgr=float("nan"), lo=float("nan"), hi=float("nan"), se=float("nan"))
+        out.update(pgr=float("nan"), lo=float("nan"), hi=float("nan"), se=float("nan"),
+                   gap_resolved=False)
         return out
     r = float(gain.mean() / mean_gap)
     out["pgr"] = r
@@ -474,54 +475,75 @@ def run_key(*parts: Any) -> str:
 # The task's data, encoded once per tokenizer.
 
 
+@functools.lru_cache(maxsize=8)
+def _task_rows(task_json: str, eos: str) -> dict:
+    from rlhf_jax.data.classification import load_task
+
+    return load_task(json.loads(task_json)["task"], eos)
+
+
+@functools.lru_cache(maxsize=16)
+def _task_encoded(task_json: str, eos: str, tok_dir: str) -> dict:
+    from rlhf_jax.data.classification import encode
+
+    raw = _task_rows(task_json, eos)
+    max_len = int(json.loads(task_json)["task"]["max_len"])
+    out: dict[str, Any] = {"stats": {}}
+    for split in ("train", "test"):
+        out[split], out["stats"][split] = encode(_tokenizer(tok_dir), raw[split][0], max_len)
+    return out
+
+
 class TaskData:
-    """The task's rows, the A/B halves of the training split, and encodings per tokenizer."""
+    """The task's rows, the A/B halves of the training split, and encodings per tokenizer.
+
+    Rows and encodings are cached per process (keyed by the task config, the files' size and
+    mtime for JSONL, and the tokenizer), so trials run in one process share them.
+    """
 
     def __init__(self, config):
-        from rlhf_jax.data import classification
-
-        self.config = config
-        self._raw: dict[str, Any] = {}
-        self._enc: dict[str, dict] = {}
-        self._cls = classification
-        # The halves depend on the number of rows only, so every tokenizer sees the same split.
+        self.kind = config.task.kind
+        self.key = json.dumps({"task": config.task.to_dict(), "files": self._files(config)},
+                              sort_keys=True)
         first = self._load("<eos>")
         n = len(first["train"][0])
         if n < 4:
             raise UserError("config.task", f"the training split has {n} rows",
                             "give at least 4 (two per half)")
+        # The halves depend on the number of rows only, so every tokenizer sees the same split.
         perm = np.random.default_rng([int(config.seed), 1]).permutation(n)
         self.half_a, self.half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
         self.stats = first["stats"]
 
+    @staticmethod
+    def _files(config) -> dict:
+        import os
+
+        if config.task.kind != "jsonl":
+            return {}
+        out = {}
+        for split in ("train", "test"):
+            path = config.task[split]
+            if path and os.path.isfile(path):  # a missing file is reported by the loader
+                out[split] = [os.path.abspath(path), os.path.getsize(path),
+                              os.path.getmtime(path)]
+        return out
+
+    def _eos(self, eos: str) -> str:
+        # Only the preference task renders the EOS token into its text.
+        return eos if self.kind == "preference" else ""
+
     def _load(self, eos: str) -> dict:
-        key = eos if self.config.task.kind == "preference" else ""
-        if key not in self._raw:
-            self._raw[key] = self._cls.load_task(self.config.task, eos)
-        return self._raw[key]
+        return _task_rows(self.key, self._eos(eos))
 
     def labels(self, split: str) -> np.ndarray:
         return self._load("<eos>")[split][1]
 
     def encoded(self, tok_dir: str) -> dict:
-        if tok_dir not in self._enc:
-            tok = _tokenizer(tok_dir)
-            raw = self._load(tok.eos_token)
-            out: dict[str, Any] = {"stats": {}}
-            for split in ("train", "test"):
-                arrays, stats = self._cls.encode(tok, raw[split][0], int(self.config.task.max_len))
-                out[split], out["stats"][split] = arrays, stats
-            self._enc[tok_dir] = out
-        return self._enc[tok_dir]
+        return _task_encoded(self.key, self._eos(_tokenizer(tok_dir).eos_token), tok_dir)
 
-    def fingerprint(self) -> dict:
-        t = self.config.task.to_dict()
-        if t["kind"] == "jsonl":  # an edited file is new data
-            import os
-
-            t["files"] = {s: [os.path.abspath(t[s]), os.path.getsize(t[s]),
-                              os.path.getmtime(t[s])] for s in ("train", "test")}
-        return t
+    def fingerprint(self) -> str:
+        return self.key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,10 +584,16 @@ def run(config) -> dict:
     """One trial: weak supervisor, (medium,) strong student, ceiling -> summary.json + PGR."""
     t_start = time.perf_counter()
     validate(config)
+    root = Path(config.workdir)
+    trial_key = run_key(config)
+    if (root / "summary.json").exists():
+        done = json.loads((root / "summary.json").read_text())
+        if done.get("trial_key") == trial_key:
+            log.info("w2s: trial %s is finished; reusing its summary", root)
+            return done
     data = TaskData(config)
     seed = int(config.seed)
     shared = Path(config.shared_dir) / run_key(data.fingerprint()) / f"seed{seed}"
-    root = Path(config.workdir)
     gt = {"kind": "naive", "alpha": 0.0, "warmup_frac": 0.0, "schedule": "reference"}
     student_loss = config.loss.to_dict()
     y_train = data.labels("train").astype(np.float32)
@@ -597,10 +625,11 @@ def run(config) -> dict:
     probs = {"weak": np.load(gt_dir("weak", config.weak) / "probs_test.npy"),
              "strong": np.load(root / "student" / "probs_test.npy")}
     summary: dict[str, Any] = {
-        "task": config.task.kind, "weak": config.weak, "strong": config.strong,
+        "trial_key": trial_key, "task": config.task.kind, "weak": config.weak, "strong": config.strong,
         "medium": config.medium, "loss": config.loss.kind, "seed": seed,
         "acc_weak": acc["weak"], "acc_w2s": acc["strong"], "acc_ceiling": acc["ceiling"],
-        "pgr": pgr(acc["weak"], acc["strong"], acc["ceiling"]),
+        # null when the ceiling equals the weak accuracy (PGR undefined; JSON has no NaN).
+        "pgr": _finite_or_none(pgr(acc["weak"], acc["strong"], acc["ceiling"])),
         # How much the student imitates its supervisor's mistakes vs its own knowledge.
         "student_supervisor_agreement": float(np.mean((probs["weak"] > 0.5) ==
                                                       (probs["strong"] > 0.5))),
@@ -618,7 +647,12 @@ def run(config) -> dict:
     if jax.process_index() == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     return summary
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 def _safe(spec: str) -> str:

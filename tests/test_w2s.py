@@ -242,39 +242,41 @@ def test_aux_loss_refuses_gradient_accumulation():
 
 
 @pytest.fixture(scope="module")
-def tiny_trial(tmp_path_factory):
-    """The tiny protocol on models trained from scratch (no zoo pretraining in CI)."""
+def tiny_trials(tmp_path_factory):
+    """The tiny protocol, in process, on models trained from scratch (no zoo pretraining in CI):
+    a naive and an aux trial sharing one weak supervisor and ceiling, then a rerun."""
+    from configs import w2s_sim
+
     root = tmp_path_factory.mktemp("w2s")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "rlhf_jax.w2s", "--config=configs/w2s_sim.py:tiny",
-            "--config.weak=scratch:sim-0.1m", "--config.strong=scratch:sim-0.4m",
-            f"--config.shared_dir={root / 'shared'}", "--config.task.num_train=128",
-            "--config.task.num_test=64"]
 
-    def run(*extra):
-        proc = subprocess.run(base + list(extra), cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return proc
+    def config(loss, name):
+        c = w2s_sim.get_config(f"tiny,loss={loss}")
+        c.weak, c.strong = "scratch:sim-0.1m", "scratch:sim-0.4m"
+        c.shared_dir, c.workdir = str(root / "shared"), str(root / name)
+        c.task.num_train, c.task.num_test = 128, 64
+        return c
 
-    run(f"--config.workdir={root / 'naive'}")
-    first = json.loads((root / "naive" / "summary.json").read_text())
-    run(f"--config.workdir={root / 'aux'}", "--config.loss.kind=aux")
-    again = run(f"--config.workdir={root / 'naive'}")
-    return root, first, again
+    naive = w2s.run(config("naive", "naive"))
+    mtime = (root / "naive" / "summary.json").stat().st_mtime_ns
+    aux = w2s.run(config("aux", "aux"))
+    again = w2s.run(config("naive", "naive"))
+    assert (root / "naive" / "summary.json").stat().st_mtime_ns == mtime  # nothing rerun
+    return root, naive, aux, again
 
 
-def test_tiny_protocol_end_to_end(tiny_trial):
-    root, naive, again = tiny_trial
-    aux = json.loads((root / "aux" / "summary.json").read_text())
+def test_tiny_protocol_end_to_end(tiny_trials):
+    root, naive, aux, again = tiny_trials
     for s in (naive, aux):
         for k in ("acc_weak", "acc_w2s", "acc_ceiling", "student_supervisor_agreement"):
             assert 0.0 <= s[k] <= 1.0
         if s["acc_ceiling"] != s["acc_weak"]:
             assert s["pgr"] == pytest.approx(w2s.pgr(s["acc_weak"], s["acc_w2s"],
                                                      s["acc_ceiling"]))
+        else:
+            assert s["pgr"] is None
         assert s["test_rows"] == 64 and s["half_rows"] == 64
         assert s["runs"]["weak"]["params"] < s["runs"]["strong"]["params"]
+        assert (root / s["runs"]["strong"]["workdir"] / "summary.json").exists()
     # The aux trial reused the weak supervisor and the ceiling the naive trial trained.
     assert aux["runs"]["weak"]["reused"] and aux["runs"]["ceiling"]["reused"]
     assert not aux["runs"]["strong"]["reused"]
@@ -286,11 +288,30 @@ def test_tiny_protocol_end_to_end(tiny_trial):
     assert (student / "final").is_dir() and (student / "probs_test.npy").exists()
     labels = np.load(Path(aux["runs"]["weak"]["workdir"]) / "probs_labels.npy")
     assert labels.shape == (64,) and np.all((labels > 0) & (labels < 1))
-    # A rerun of a finished trial trains nothing and gives the same numbers.
-    rerun = json.loads((root / "naive" / "summary.json").read_text())
-    assert all(r["reused"] for r in rerun["runs"].values())
-    assert rerun["acc_w2s"] == naive["acc_w2s"]
-    assert '"pgr"' in again.stdout
+    # A rerun of a finished trial (same config) trains nothing and returns the same numbers.
+    assert again == naive
+
+
+def test_experiment_writes_csv_json_png_and_verdicts(tiny_trials, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from experiments import weak_to_strong as E
+
+    _, naive, aux, _ = tiny_trials
+    # Two seeds of the same numbers give a zero-width interval; enough to exercise the outputs.
+    runs = [dict(s, seed=k) for s in (naive, aux) for k in (0, 1)]
+    result = E.analyse(runs)
+    assert [c["loss"] for c in result["cells"]] == ["aux", "naive"]
+    assert result["sizes"] == ["scratch:sim-0.1m", "scratch:sim-0.4m"]
+    diff = result["aux_vs_naive"][0]["aux_minus_naive"]
+    gap = naive["acc_ceiling"] - naive["acc_weak"]
+    if gap:
+        assert diff["pgr"] == pytest.approx((aux["acc_w2s"] - naive["acc_w2s"]) / gap)
+    E.write_csv(runs, tmp_path / "t.csv")
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 5
+    assert E.plot(result, tmp_path / "a.png", "tiny").stat().st_size > 1000
+    text = E.report(result, runs, 1.0)
+    assert "verdicts" in text and "scratch:sim-0.1m -> scratch:sim-0.4m" in text
+    assert "NaN" not in json.dumps(E._jsonable(result))
 
 
 def test_cli_reports_a_user_error_in_one_line(tmp_path):
