@@ -7,7 +7,7 @@
         --config.task.train=mine_train.jsonl --config.task.test=mine_test.jsonl \
         --config.weak=hf:/models/gpt2 --config.strong=hf:/models/gpt2-large
 
-Preset keys: tiny, task (sentiment | preference | agreement | jsonl), weak, strong, loss
+Preset keys: tiny, task (sentiment | preference | form | jsonl), weak, strong, loss
 (naive | aux), seed, schedule (reference | ramp); for get_sweep also seeds (how many) and root
 (where trial dirs go; get_config ignores both, so one arg serves both functions).
 
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
         judge="vader",  # preference: the gold judge that picks the better response
         tie_margin=0.0,  # preference: pairs whose gold scores differ by <= this are dropped
         # Text + EOS, in tokens: world sentences are <= 23 tokens, pairs <= 60 (measured).
-        max_len=32 if task == "sentiment" else 64,
+        max_len=32 if task == "sentiment" else 64,  # form: long faults run to ~50 tokens
         train="",  # jsonl: files of {"text": ..., "label": 0 | 1}
         test="",
         skip_bad_rows=False,  # jsonl: skip and count malformed rows instead of stopping
@@ -69,9 +69,13 @@ def get_config(arg: str | None = None):
         warmup_frac=0.1,  # share of training over which c warms up (reference code: 0.1)
         schedule=preset.get("schedule", "reference"),  # reference (jumps) | ramp (the paper's)
     ))
-    # The reference: Adam, cosine decay to 0, no warm-up, batch 32, 2 epochs. Our small
-    # pretrained models need a larger learning rate than GPT-2's 5e-5.
-    c.optim.lr = 1e-3
+    # The reference: Adam, cosine decay to 0, no warm-up, batch 32, 2 epochs, and a smaller
+    # learning rate for its larger models (5e-5 for GPT-2 small/medium, 1e-5 above). Here the
+    # rate scales as 1/width (lr_ref_width): 3e-3 for sim-0.1m (d 48), 1.5e-3 for sim-0.4m (d 96)
+    # and 9e-4 for sim-1.6m (d 160). Measured on `form` (2 epochs of 2000 rows): sim-0.4m reached
+    # 0.928 at 1.5e-3 but 0.856 at 3e-3; sim-0.1m 0.894 at 3e-3.
+    c.optim.lr = 3e-3
+    c.lr_ref_width = 48  # optim.lr is for this d_model; width d trains at lr * 48 / d (0 = off)
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 0
     c.optim.end_lr_ratio = 0.0

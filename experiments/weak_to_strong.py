@@ -242,7 +242,7 @@ def verdicts(cells: list[dict], diffs: list[dict], sizes: list[str]) -> dict[str
 
 CSV_FIELDS = ("task", "weak", "strong", "loss", "seed", "acc_weak", "acc_w2s", "acc_ceiling",
               "pgr", "student_supervisor_agreement", "weak_label_accuracy", "weak_params",
-              "strong_params", "seconds", "trained_seconds")
+              "strong_params", "seconds", "trained_seconds", "trained_cpu_seconds")
 
 
 def write_csv(summaries: Sequence[dict], path: Path) -> None:
@@ -250,12 +250,15 @@ def write_csv(summaries: Sequence[dict], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for s in summaries:
-            runs = s["runs"]
+            runs = {k: r for k, r in s["runs"].items() if not s.get("trial_reused")}
             w.writerow({**{k: s.get(k) for k in CSV_FIELDS},
-                        "weak_params": runs["weak"]["params"],
-                        "strong_params": runs["strong"]["params"],
+                        "weak_params": s["runs"]["weak"]["params"],
+                        "strong_params": s["runs"]["strong"]["params"],
                         "trained_seconds": round(sum(r["seconds"] for r in runs.values()
-                                                     if not r["reused"]), 2)})
+                                                     if not r["reused"]), 2),
+                        "trained_cpu_seconds": round(sum(r.get("cpu_seconds") or 0.0
+                                                         for r in runs.values()
+                                                         if not r["reused"]), 2)})
 
 
 def plot(result: dict, path: Path, title: str) -> Path:
@@ -351,9 +354,11 @@ def report(result: dict, summaries: Sequence[dict], seconds: float) -> str:
     lines += [f"    {line}" for line in v.get("naive_pgr_positive", [])]
     if "aux_largest_gap" in v:
         lines.append(f"    {v['aux_largest_gap']}")
-    trained = sum(r["seconds"] for s in summaries for r in s["runs"].values() if not r["reused"])
-    lines.append(f"\n  {len(summaries)} trials in {seconds:.0f} s ({trained:.0f} s training "
-                 "models not reused)")
+    new = [r for s in summaries if not s.get("trial_reused")
+           for r in s["runs"].values() if not r["reused"]]
+    lines.append(f"\n  {len(summaries)} trials in {seconds:.0f} s: {len(new)} models trained in "
+                 f"{sum(r['seconds'] for r in new):.0f} s "
+                 f"({sum(r.get('cpu_seconds') or 0 for r in new):.0f} CPU s), the rest reused")
     return "\n".join(lines)
 
 

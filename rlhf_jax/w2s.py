@@ -363,7 +363,7 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         if done is not None:
             log.info("w2s %s: reusing %s", role, workdir)
             return {**done, "reused": True}
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         cfg, init, tok_dir = resolve_model(
             model, seed=int(config.seed), world_seed=int(config.task.world_seed),
             zoo_pretrain_steps=int(config.zoo_pretrain_steps), where=f"config.{role}")
@@ -371,7 +371,11 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         enc = data.encoded(tok_dir)
         n, bs = len(train_rows), int(config.train.batch_size)
         steps = max(1, int(float(config.train.epochs) * n) // bs)
-        rc = _run_config(config, workdir=workdir, role=role, model=model, steps=steps, loss=loss)
+        lr = float(config.optim.lr)
+        if int(config.lr_ref_width) > 0:  # Adam's step per weight is fixed: wider, smaller lr
+            lr *= int(config.lr_ref_width) / cfg.d_model
+        rc = _run_config(config, workdir=workdir, role=role, model=model, steps=steps, loss=loss,
+                         lr=lr)
         tr = trainer_lib.Trainer(rc, f"w2s_{role}")
         tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir, init_from=model,
                            role=role)
@@ -409,7 +413,7 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         train_seconds = time.perf_counter() - t_train
         params = jax.device_get(state.params)
         extra: dict[str, Any] = {"role": role, "model": model, "workdir": str(workdir),
-                                 "loss": lk, "steps": steps,
+                                 "loss": lk, "steps": steps, "lr": lr,
                                  "train_rows": n, "params": models.param_count(params),
                                  "test_accuracy": tr.summary["eval"]["test_accuracy"],
                                  "test_loss": tr.summary["eval"]["test_loss"],
@@ -425,6 +429,8 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
                 np.save(workdir / "probs_labels.npy", p)
         extra["train_seconds"] = round(train_seconds, 2)
         extra["seconds"] = round(time.perf_counter() - t0, 2)
+        # CPU time of this process (all threads): comparable across machine loads, unlike wall.
+        extra["cpu_seconds"] = round(time.process_time() - cpu0, 2)
         tr.write_summary(extra)
         out = dict(tr.summary)
         tr.close()
@@ -434,7 +440,8 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
 _KEY_SKIP = ("workdir", "mesh", "distributed", "sharding_rules")
 
 
-def _run_config(config, *, workdir: Path, role: str, model: str, steps: int, loss: Mapping):
+def _run_config(config, *, workdir: Path, role: str, model: str, steps: int, loss: Mapping,
+                lr: float):
     """The config of one model run: the shared training fields + what this run is."""
     import ml_collections
 
@@ -450,6 +457,7 @@ def _run_config(config, *, workdir: Path, role: str, model: str, steps: int, los
     c.optim = config.optim.copy_and_resolve_references()
     c.train = config.train.copy_and_resolve_references()
     c.train.steps = steps
+    c.optim.lr = lr
     c.optim.warmup_steps = min(int(c.optim.warmup_steps), steps)
     c.role = role
     c.task = config.task.copy_and_resolve_references()
@@ -572,6 +580,9 @@ def validate(config) -> None:
     if kind not in WORLD_TASKS + ("jsonl",):
         raise UserError("config.task.kind", f"{kind!r} is not a task",
                         f"choose one of {WORLD_TASKS + ('jsonl',)}")
+    if int(config.lr_ref_width) < 0:
+        raise UserError("config.lr_ref_width", f"{config.lr_ref_width} must be >= 0",
+                        "0 trains every size at optim.lr")
     if float(config.train.epochs) <= 0:
         raise UserError("config.train.epochs", f"{config.train.epochs} must be > 0",
                         "the reference trains 2 epochs")
@@ -590,7 +601,7 @@ def run(config) -> dict:
         done = json.loads((root / "summary.json").read_text())
         if done.get("trial_key") == trial_key:
             log.info("w2s: trial %s is finished; reusing its summary", root)
-            return done
+            return {**done, "trial_reused": True}
     data = TaskData(config)
     seed = int(config.seed)
     shared = Path(config.shared_dir) / run_key(data.fingerprint()) / f"seed{seed}"
@@ -600,7 +611,8 @@ def run(config) -> dict:
     a, b = data.half_a, data.half_b
 
     def gt_dir(role, model):
-        key = run_key(config.optim, config.train, model, role, config.zoo_pretrain_steps)
+        key = run_key(config.optim, config.train, model, role, config.zoo_pretrain_steps,
+                      config.lr_ref_width)
         return shared / f"{role}-{_safe(model)}-{key}"
 
     runs: dict[str, dict] = {}
@@ -638,12 +650,14 @@ def run(config) -> dict:
         "data": data.stats,
         "runs": {k: {"workdir": str(v.get("workdir", "")), "test_accuracy": v["test_accuracy"],
                      "seconds": v["seconds"], "train_seconds": v["train_seconds"],
+                     "cpu_seconds": v.get("cpu_seconds"),
                      "reused": v["reused"], "steps": v["steps"], "params": v["params"]}
                  for k, v in runs.items()},
     }
     if config.medium:
         summary["acc_medium"] = acc["medium"]
     summary["seconds"] = round(time.perf_counter() - t_start, 2)
+    summary["trial_reused"] = False
     if jax.process_index() == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -194,8 +194,11 @@ def test_world_tasks_are_balanced_deterministic_and_follow_the_gold():
         g = gold[text]  # label 1: the gold judge prefers the second response
         assert (g[1] > g[0]) == bool(label)
 
-    agree, ya, _ = C.world_task("agreement", "test", 20)
-    assert ya.sum() == 10 and all(t.count(".") >= 2 for t in agree)
+    form, yf, _ = C.world_task("form", "test", 20)
+    trap = get_judge("vader_trap")
+    penalty = {f"{p} {rs[0]}": trap.penalties(rs)[0]  # of the response alone, as the gold sees
+               for p, rs, _ in get_world(0).comparison_candidates(0, 1024, 1, "test")}
+    assert yf.sum() == 10 and all((penalty[t] == 0) == bool(y) for t, y in zip(form, yf))
 
 
 def test_encode_keeps_the_end_and_counts_truncation():
@@ -289,7 +292,7 @@ def test_tiny_protocol_end_to_end(tiny_trials):
     labels = np.load(Path(aux["runs"]["weak"]["workdir"]) / "probs_labels.npy")
     assert labels.shape == (64,) and np.all((labels > 0) & (labels < 1))
     # A rerun of a finished trial (same config) trains nothing and returns the same numbers.
-    assert again == naive
+    assert again == {**naive, "trial_reused": True}
 
 
 def test_experiment_writes_csv_json_png_and_verdicts(tiny_trials, tmp_path):

@@ -14,9 +14,12 @@ split, index), with the ground truth from a gold judge (`rlhf_jax.sim.judges`):
   where `sep` is the tokenizer's EOS token (each half reads like a finished document); label 1
   when the gold judge prefers the second response. Pairs the judge scores within `tie_margin`
   are dropped (counted).
-* `agreement`: two independent sentences of the world, label 1 when they have the same
-  sentiment sign. An XOR of two `sentiment` labels: a model must work out both signs and compare
-  them; this is the task where the model's size matters most (measured; see the README).
+* `form`: an opening and one candidate response (`World.comparison_candidates`: clean, or
+  damaged — too short, too long, a repeated phrase, no final period); label 1 when the response
+  keeps the task's form, i.e. the gold judge `vader_trap` gives it no penalty. The faults differ
+  in difficulty: a missing period is one token, length needs counting, and a repeated phrase
+  needs the model to compare the text with itself; larger models catch more of them (measured:
+  see the README), where on `sentiment` they did not.
 
 Every task is balanced (half of each label) and the order of its rows is random (fixed by the
 world seed), so accuracy 0.5 is chance. Splits: `train` and `test` are disjoint world streams.
@@ -38,7 +41,7 @@ import numpy as np
 
 from rlhf_jax.errors import UserError
 
-WORLD_TASKS = ("sentiment", "preference", "agreement")
+WORLD_TASKS = ("sentiment", "preference", "form")
 SPLITS = ("train", "test")
 VADER_NEUTRAL = 0.05  # VADER's own neutral band for the compound score (Hutto & Gilbert 2014)
 _MAX_BAD_EXAMPLES = 20
@@ -127,17 +130,6 @@ def _gen_sentiment(world, task, split, start, count):
     return texts, _vader_sign(scores)
 
 
-def _gen_agreement(world, task, split, start, count):
-    from rlhf_jax.sim.judges import get_judge
-
-    # Sentence 2i and 2i + 1 of the stream make item i.
-    sents = _sentences(world, split, 2 * start, 2 * count)
-    sign = _vader_sign(get_judge("vader").score(sents, sents))
-    a, b = sign[0::2], sign[1::2]
-    labels = np.where((a < 0) | (b < 0), -1, (a == b).astype(np.int64))
-    return [f"{x} {y}" for x, y in zip(sents[0::2], sents[1::2])], labels
-
-
 def _gen_preference(world, task, split, start, count):
     from rlhf_jax.sim.judges import get_judge
 
@@ -153,8 +145,18 @@ def _gen_preference(world, task, split, start, count):
     return texts, labels
 
 
+def _gen_form(world, task, split, start, count):
+    from rlhf_jax.sim.judges import get_judge
+
+    items = world.comparison_candidates(start, count, 1, split)
+    prompts = [p for p, _, _ in items]
+    responses = [rs[0] for _, rs, _ in items]
+    penalty = get_judge("vader_trap").penalties(responses)
+    return [f"{p} {r}" for p, r in zip(prompts, responses)], (penalty == 0).astype(np.int64)
+
+
 _GENERATORS: dict[str, Callable] = {"sentiment": _gen_sentiment, "preference": _gen_preference,
-                                    "agreement": _gen_agreement}
+                                    "form": _gen_form}
 
 
 def world_task(kind: str, split: str, n: int, *, seed: int = 0, judge: str = "vader",
