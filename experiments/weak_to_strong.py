@@ -343,8 +343,8 @@ def _jsonable(x):
 
 
 def report(result: dict, summaries: Sequence[dict], seconds: float) -> str:
-    lines = ["", "  weak -> strong           loss    acc weak   acc w2s   acc ceiling"
-             "   PGR [95% CI]"]
+    header = "  weak -> strong           loss    acc weak   acc w2s   acc ceiling   PGR [95% CI]"
+    lines = ["", header]
     for c in result["cells"]:
         lines.append(f"  {c['weak']:<11} -> {c['strong']:<11} {c['loss']:<6} "
                      f"{c['acc_weak']['mean']:8.3f}  {c['acc_w2s']['mean']:8.3f}  "

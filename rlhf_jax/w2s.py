@@ -637,8 +637,8 @@ def run(config) -> dict:
     probs = {"weak": np.load(gt_dir("weak", config.weak) / "probs_test.npy"),
              "strong": np.load(root / "student" / "probs_test.npy")}
     summary: dict[str, Any] = {
-        "trial_key": trial_key, "task": config.task.kind, "weak": config.weak, "strong": config.strong,
-        "medium": config.medium, "loss": config.loss.kind, "seed": seed,
+        "trial_key": trial_key, "task": config.task.kind, "weak": config.weak,
+        "strong": config.strong, "medium": config.medium, "loss": config.loss.kind, "seed": seed,
         "acc_weak": acc["weak"], "acc_w2s": acc["strong"], "acc_ceiling": acc["ceiling"],
         # null when the ceiling equals the weak accuracy (PGR undefined; JSON has no NaN).
         "pgr": _finite_or_none(pgr(acc["weak"], acc["strong"], acc["ceiling"])),
