@@ -5,6 +5,7 @@
     python -m experiments.weak_to_strong --config=configs/w2s_sim.py:task=preference,seeds=5
     python -m experiments.weak_to_strong --config.train.epochs=3   # applies to every trial
     python -m experiments.weak_to_strong --runner=subprocess       # one process per trial
+    python -m experiments.weak_to_strong --no_compile_cache        # no persistent XLA cache
 
 The trials are `configs/w2s_sim.py`'s `get_sweep(arg)`: every (weak <= strong) pair of the
 zoo's sizes x {naive, aux} x seeds, each the protocol of `rlhf_jax.w2s` (weak supervisor on
@@ -128,6 +129,27 @@ def run_subprocess(trials: Sequence[Trial]) -> list[dict]:
         workdir = trial_config(t).workdir
         out.append(json.loads((Path(workdir) / "summary.json").read_text()))
     return out
+
+
+def enable_compilation_cache() -> str:
+    """JAX's persistent compilation cache under the project cache: the trials of one seed and
+    the next compile the same programs (same shapes and constants), so from the second seed on
+    each model skips XLA compilation (measured: ~8 CPU s saved per model run on 2 cores).
+    Subprocess trials inherit it through the environment."""
+    import os
+
+    import jax
+
+    from rlhf_jax.paths import cache_dir
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir() / "jax_compilation")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=path,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
 
 
 RUNNERS: dict[str, Callable[[Sequence[Trial]], list[dict]]] = {
@@ -369,10 +391,13 @@ def run(argv: Sequence[str]) -> dict:
     from rlhf_jax import config_utils
 
     argv = list(argv)
-    runner_name = "inprocess"
+    runner_name, compile_cache = "inprocess", True
     for a in list(argv[1:]):
         if a.startswith("--runner="):
             runner_name = a.split("=", 1)[1]
+            argv.remove(a)
+        elif a == "--no_compile_cache":
+            compile_cache = False
             argv.remove(a)
     if runner_name not in RUNNERS:
         raise SystemExit(f"--runner={runner_name!r} must be one of {sorted(RUNNERS)}")
@@ -396,6 +421,8 @@ def run(argv: Sequence[str]) -> dict:
     out_dir = root / task
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if compile_cache:
+        enable_compilation_cache()
     t0 = time.perf_counter()
     summaries = RUNNERS[runner_name](trials)
     seconds = time.perf_counter() - t0

@@ -455,7 +455,8 @@ def _run_config(config, *, workdir: Path, role: str, model: str, steps: int, los
     c.sharding_rules = config.sharding_rules
     c.distributed = config.distributed.copy_and_resolve_references()
     c.optim = config.optim.copy_and_resolve_references()
-    c.train = config.train.copy_and_resolve_references()
+    for key, value in config.train.items():
+        c.train[key] = value
     c.train.steps = steps
     c.optim.lr = lr
     c.optim.warmup_steps = min(int(c.optim.warmup_steps), steps)
