@@ -1,7 +1,7 @@
 """Weak-to-strong generalization on the simulated world: one (weak, strong, task, loss, seed) trial.
 
     python -m rlhf_jax.w2s --config=configs/w2s_sim.py
-    python -m rlhf_jax.w2s --config=configs/w2s_sim.py:task=preference,loss=aux,seed=1
+    python -m rlhf_jax.w2s --config=configs/w2s_sim.py:task=sentiment,loss=aux,seed=1
     python -m rlhf_jax.w2s --config=configs/w2s_sim.py:tiny          # seconds, for tests
     python -m rlhf_jax.w2s --config=configs/w2s_sim.py:task=jsonl \
         --config.task.train=mine_train.jsonl --config.task.test=mine_test.jsonl \
@@ -53,7 +53,9 @@ def get_config(arg: str | None = None):
     # > 0: zoo models are pretrained for this many steps (tests); 0 = each preset's default.
     c.zoo_pretrain_steps = TINY_PRETRAIN_STEPS if tiny else 0
 
-    task = preset.get("task", "sentiment")
+    # form by default: the task where the zoo's larger models did better (see the README); on
+    # sentiment they did not, which leaves no gap for the weak supervisor to fall short of.
+    task = preset.get("task", "form")
     c.task = ml_collections.ConfigDict(dict(
         kind=task,
         num_train=512 if tiny else 4000,  # halved: A for the weak supervisor, B for the students
@@ -63,8 +65,8 @@ def get_config(arg: str | None = None):
         # preference: pairs whose gold scores differ by <= this are dropped. Clear preferences
         # only: sim-0.1m reached 0.576 with 0.5 against 0.50 (chance) with 0 (2 epochs).
         tie_margin=0.5,
-        # Text + EOS, in tokens: world sentences are <= 23 tokens, pairs <= 60 (measured).
-        max_len=32 if task == "sentiment" else 64,  # form: long faults run to ~50 tokens
+        # Text + EOS, in tokens (measured on 4000 rows: sentiment <= 24, form <= 35, pairs <= 64).
+        max_len={"sentiment": 32, "form": 40}.get(task, 64),
         train="",  # jsonl: files of {"text": ..., "label": 0 | 1}
         test="",
         skip_bad_rows=False,  # jsonl: skip and count malformed rows instead of stopping
@@ -76,12 +78,14 @@ def get_config(arg: str | None = None):
         schedule=preset.get("schedule", "reference"),  # reference (jumps) | ramp (the paper's)
     ))
     # The reference: Adam, cosine decay to 0, no warm-up, batch 32, 2 epochs, and a smaller
-    # learning rate for its larger models (5e-5 for GPT-2 small/medium, 1e-5 above). Here the
-    # rate scales as 1/width (lr_ref_width): 3e-3 for sim-0.1m (d 48), 1.5e-3 for sim-0.4m (d 96)
-    # and 9e-4 for sim-1.6m (d 160). Measured on `form` (2 epochs of 2000 rows): sim-0.4m reached
-    # 0.928 at 1.5e-3 but 0.856 at 3e-3; sim-0.1m 0.894 at 3e-3.
+    # learning rate for its larger models (5e-5 for GPT-2 small/medium, 1e-5 above). Here a
+    # model of width d trains at optim.lr * (lr_ref_width / d) ** lr_width_power: 3e-3 for
+    # sim-0.1m (d 48), 2.1e-3 for sim-0.4m (d 96), 1.6e-3 for sim-1.6m (d 160). Measured on
+    # `form` (2 epochs of 2000 rows, seed 0): sim-0.4m 0.928 at 1.5e-3 but 0.856 at 3e-3;
+    # sim-1.6m 0.934 at 1.5e-3 but 0.904 at 9e-4.
     c.optim.lr = 3e-3
-    c.lr_ref_width = 48  # optim.lr is for this d_model; width d trains at lr * 48 / d (0 = off)
+    c.lr_ref_width = 48  # the d_model optim.lr is meant for (0: every size at optim.lr)
+    c.lr_width_power = 0.5
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 0
     c.optim.end_lr_ratio = 0.0
@@ -111,7 +115,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     root = str(preset.get("root", "runs/w2s_tiny" if tiny else "runs/w2s"))
     diagonal = bool(preset.get("diagonal", not tiny))
     sizes = TINY_SIZES if tiny else SIZES
-    task = preset.get("task", "sentiment")
+    task = preset.get("task", "form")
     out = []
     for i, weak in enumerate(sizes):
         for strong in sizes[i if diagonal else i + 1:]:

@@ -373,7 +373,7 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         steps = max(1, int(float(config.train.epochs) * n) // bs)
         lr = float(config.optim.lr)
         if int(config.lr_ref_width) > 0:  # Adam's step per weight is fixed: wider, smaller lr
-            lr *= int(config.lr_ref_width) / cfg.d_model
+            lr *= (int(config.lr_ref_width) / cfg.d_model) ** float(config.lr_width_power)
         rc = _run_config(config, workdir=workdir, role=role, model=model, steps=steps, loss=loss,
                          lr=lr)
         tr = trainer_lib.Trainer(rc, f"w2s_{role}")
@@ -613,9 +613,11 @@ def run(config) -> dict:
 
     def gt_dir(role, model):
         key = run_key(config.optim, config.train, model, role, config.zoo_pretrain_steps,
-                      config.lr_ref_width)
+                      config.lr_ref_width, config.lr_width_power)
         return shared / f"{role}-{_safe(model)}-{key}"
 
+    # The students' dirs carry the trial's key: a changed config never resumes an old student.
+    student_dir, medium_dir = root / f"student-{trial_key}", root / f"medium-{trial_key}"
     runs: dict[str, dict] = {}
     runs["weak"] = train_classifier(config, workdir=gt_dir("weak", config.weak), role="weak",
                                     model=config.weak, train_rows=a, targets=y_train[a], loss=gt,
@@ -623,10 +625,10 @@ def run(config) -> dict:
     labels = np.load(gt_dir("weak", config.weak) / "probs_labels.npy")
     if config.medium:
         runs["medium"] = train_classifier(
-            config, workdir=root / "medium", role="medium", model=config.medium, train_rows=b,
+            config, workdir=medium_dir, role="medium", model=config.medium, train_rows=b,
             targets=labels, loss=student_loss, label_rows=b, data=data)
-        labels = np.load(root / "medium" / "probs_labels.npy")
-    runs["strong"] = train_classifier(config, workdir=root / "student", role="strong",
+        labels = np.load(medium_dir / "probs_labels.npy")
+    runs["strong"] = train_classifier(config, workdir=student_dir, role="strong",
                                       model=config.strong, train_rows=b, targets=labels,
                                       loss=student_loss, label_rows=None, data=data)
     runs["ceiling"] = train_classifier(config, workdir=gt_dir("ceiling", config.strong),
@@ -636,7 +638,7 @@ def run(config) -> dict:
     acc = {k: float(v["test_accuracy"]) for k, v in runs.items()}
     test_y = data.labels("test")
     probs = {"weak": np.load(gt_dir("weak", config.weak) / "probs_test.npy"),
-             "strong": np.load(root / "student" / "probs_test.npy")}
+             "strong": np.load(student_dir / "probs_test.npy")}
     summary: dict[str, Any] = {
         "trial_key": trial_key, "task": config.task.kind, "weak": config.weak,
         "strong": config.strong, "medium": config.medium, "loss": config.loss.kind, "seed": seed,

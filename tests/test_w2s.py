@@ -252,9 +252,9 @@ def tiny_trials(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("w2s")
 
-    def config(loss, name):
+    def config(loss, name, medium=""):
         c = w2s_sim.get_config(f"tiny,loss={loss}")
-        c.weak, c.strong = "scratch:sim-0.1m", "scratch:sim-0.4m"
+        c.weak, c.strong, c.medium = "scratch:sim-0.1m", "scratch:sim-0.4m", medium
         c.shared_dir, c.workdir = str(root / "shared"), str(root / name)
         c.task.num_train, c.task.num_test = 128, 64
         return c
@@ -264,11 +264,12 @@ def tiny_trials(tmp_path_factory):
     aux = w2s.run(config("aux", "aux"))
     again = w2s.run(config("naive", "naive"))
     assert (root / "naive" / "summary.json").stat().st_mtime_ns == mtime  # nothing rerun
-    return root, naive, aux, again
+    chain = w2s.run(config("naive", "chain", medium="scratch:sim-0.1m"))
+    return root, naive, aux, again, chain
 
 
 def test_tiny_protocol_end_to_end(tiny_trials):
-    root, naive, aux, again = tiny_trials
+    root, naive, aux, again, chain = tiny_trials
     for s in (naive, aux):
         for k in ("acc_weak", "acc_w2s", "acc_ceiling", "student_supervisor_agreement"):
             assert 0.0 <= s[k] <= 1.0
@@ -285,7 +286,8 @@ def test_tiny_protocol_end_to_end(tiny_trials):
     assert not aux["runs"]["strong"]["reused"]
     assert aux["acc_weak"] == naive["acc_weak"] and aux["acc_ceiling"] == naive["acc_ceiling"]
     # Each model is a Trainer run with its own metrics; the aux student logged its coefficient.
-    student = root / "aux" / "student"
+    student = Path(aux["runs"]["strong"]["workdir"])
+    assert student.parent == root / "aux"
     records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
     assert any("coef" in r for r in records)
     assert (student / "final").is_dir() and (student / "probs_test.npy").exists()
@@ -293,13 +295,19 @@ def test_tiny_protocol_end_to_end(tiny_trials):
     assert labels.shape == (64,) and np.all((labels > 0) & (labels < 1))
     # A rerun of a finished trial (same config) trains nothing and returns the same numbers.
     assert again == {**naive, "trial_reused": True}
+    # Bootstrapping: weak -> medium -> strong; the medium trained on the weak labels, the
+    # strong student on the medium's (its soft labels on B), weak and ceiling reused.
+    assert set(chain["runs"]) == {"weak", "medium", "strong", "ceiling"}
+    assert chain["runs"]["weak"]["reused"] and not chain["runs"]["medium"]["reused"]
+    medium = Path(chain["runs"]["medium"]["workdir"])
+    assert np.load(medium / "probs_labels.npy").shape == (64,) and 0 <= chain["acc_medium"] <= 1
 
 
 def test_experiment_writes_csv_json_png_and_verdicts(tiny_trials, tmp_path):
     sys.path.insert(0, str(ROOT))
     from experiments import weak_to_strong as E
 
-    _, naive, aux, _ = tiny_trials
+    _, naive, aux, _, _ = tiny_trials
     # Two seeds of the same numbers give a zero-width interval; enough to exercise the outputs.
     runs = [dict(s, seed=k) for s in (naive, aux) for k in (0, 1)]
     result = E.analyse(runs)

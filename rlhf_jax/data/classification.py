@@ -18,8 +18,9 @@ split, index), with the ground truth from a gold judge (`rlhf_jax.sim.judges`):
   damaged — too short, too long, a repeated phrase, no final period); label 1 when the response
   keeps the task's form, i.e. the gold judge `vader_trap` gives it no penalty. The faults differ
   in difficulty: a missing period is one token, length needs counting, and a repeated phrase
-  needs the model to compare the text with itself; larger models catch more of them (measured:
-  see the README), where on `sentiment` they did not.
+  needs the model to compare the text with itself (the zoo's sim-0.1m caught 59% of those,
+  sim-0.4m 63%). Of the tasks tried, the one where the larger zoo models did best (measured:
+  see the README); on `sentiment` they did not.
 
 Every task is balanced (half of each label) and the order of its rows is random (fixed by the
 world seed), so accuracy 0.5 is chance. Splits: `train` and `test` are disjoint world streams.
