@@ -77,12 +77,13 @@ def get_config(arg: str | None = None):
         source=dict(kind="jsonl", train="data/pretrain/train.jsonl",
                     eval="data/pretrain/eval.jsonl", skip_malformed=False),
     ))
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=4 if smoke else 256,
-        gold_judges=(),  # no gold judge for real data
-        gold="",
-        sample_rows=4 if smoke else 8,
-    ))
+    c.eval = config_utils.policy_eval_config(
+        num_prompts=4 if smoke else 256, batch_size=4 if smoke else 64,
+        judges=(), gold="",  # no gold judge for real data
+        sample_rows=4 if smoke else 8)
+    c.eval.temperature = c.rollout.get_ref("temperature")
+    c.eval.max_new_tokens = c.rollout.get_ref("max_new_tokens")
+    c.eval.max_prompt_len = c.data.get_ref("max_prompt_len")
 
     c.optim.lr = 1e-3 if smoke else 1e-5
     c.optim.schedule = "linear"

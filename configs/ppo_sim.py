@@ -7,6 +7,11 @@
 
 Preset keys: steps, smoke, value_from ("rm" | "policy_head"), kl_mode ("reward" | "loss").
 
+Sweep (`get_sweep`): fixed-β KL penalties × 3 seeds, run by `python -m rlhf_jax.sweep`:
+
+    python -m rlhf_jax.sweep --config=configs/ppo_sim.py \
+        --config.init_from=runs/sft_sim --config.reward_from=runs/rm_sim --workers=2
+
 Sizes are for 2 CPU cores: responses of at most 20 tokens (the world's continuations are 6-16
 words plus commas, a period and EOS), 64 episodes per update, 4 epochs of 4 minibatches.
 """
@@ -14,6 +19,9 @@ words plus commas, a period and EOS), 64 episodes per update, 4 epochs of 4 mini
 import ml_collections
 
 from rlhf_jax import config_utils
+from rlhf_jax.sweep import fixed, product, sweep
+
+ENTRY = "rlhf_jax.ppo"  # the program `python -m rlhf_jax.sweep` runs for each trial
 
 
 def get_config(arg: str | None = None):
@@ -74,12 +82,14 @@ def get_config(arg: str | None = None):
         source=dict(kind="sim", seed=0, num_train=256 if smoke else 4096,
                     num_eval=16 if smoke else 64),
     ))
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=16 if smoke else 256,
-        gold_judges=("vader", "vader_trap"),  # logged, never in the reward
-        gold="vader",  # the judge reported as `gold` and used for the win rate ("" = none)
-        sample_rows=8,  # rows of the sample table appended to samples.md at each eval
-    ))
+    # Held-out samples at the rollout's settings (the distribution PPO optimises).
+    c.eval = config_utils.policy_eval_config(
+        num_prompts=16 if smoke else 256, batch_size=16 if smoke else 128,
+        judges=("vader", "vader_trap"),  # logged, never in the reward
+        gold="vader")  # the judge reported as `gold` and used for the win rate ("" = none)
+    c.eval.temperature = c.rollout.get_ref("temperature")
+    c.eval.max_new_tokens = c.rollout.get_ref("max_new_tokens")
+    c.eval.max_prompt_len = c.data.get_ref("max_prompt_len")
 
     c.optim.lr = 1e-4
     c.optim.schedule = "constant"
@@ -94,3 +104,13 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 50
     c.lock()
     return c
+
+
+def get_sweep(arg: str | None = None):
+    """Fixed β (no adaptive controller) from weak to strong, each with 3 seeds: 9 trials.
+
+    `arg` is the same preset as get_config's (e.g. `:steps=50`); it does not change the grid.
+    """
+    del arg
+    return product(sweep("kl.beta", [0.03, 0.1, 0.3]), fixed("kl.adaptive", False),
+                   sweep("seed", [0, 1, 2]))

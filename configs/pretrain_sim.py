@@ -2,22 +2,17 @@
 
     python -m rlhf_jax.sft --config=configs/pretrain_sim.py:model=sim-0.4m
 
-Preset keys: model (rlhf_jax.models.PRESETS), steps, smoke.
+Preset keys: model (rlhf_jax.models.PRESETS), steps, smoke. The config itself lives in
+`rlhf_jax.zoo.pretrain_config`, because it defines the zoo's base models.
 """
 
-from rlhf_jax import config_utils
-from configs import common
+from rlhf_jax import config_utils, zoo
 
 
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(preset, ("model", "steps", "smoke", "preset"), __file__)
-    smoke = config_utils.is_smoke(preset)
-    model = preset.get("model", "sim-0.4m")
-
-    c = common.lm_stage_config(objective="pretrain", model=model, smoke=smoke)
-    c.workdir = f"runs/pretrain_{model}"
-    c.init_from = ""  # from scratch
-    c.train.steps = int(preset.get("steps", 2 if smoke else common.PRETRAIN_STEPS[model]))
+    c = zoo.pretrain_config(preset.get("model", "sim-0.4m"),
+                            smoke=config_utils.is_smoke(preset), steps=preset.get("steps"))
     c.lock()
     return c

@@ -7,8 +7,7 @@
 Preset keys: model (a base-model preset, see rlhf_jax.models.PRESETS), steps, smoke.
 """
 
-from rlhf_jax import config_utils
-from configs import common
+from rlhf_jax import config_utils, sft
 
 
 def get_config(arg: str | None = None):
@@ -17,7 +16,7 @@ def get_config(arg: str | None = None):
     smoke = config_utils.is_smoke(preset)
     model = preset.get("model", "sim-0.4m")
 
-    c = common.lm_stage_config(objective="sft", model=model, smoke=smoke)
+    c = sft.stage_config(objective="sft", model=model, smoke=smoke)
     c.workdir = "runs/sft_sim"
     # The world's pretrained base model of this size (trained once, then cached); the smoke
     # preset starts from scratch so a test never pretrains.

@@ -1,182 +1,145 @@
-"""The main job: base model → SFT → RM → PPO on the simulated world, then PPO vs SFT.
+"""The main job: base model -> SFT -> RM -> each method on the simulated world, then compared.
 
     python -m experiments.pipeline [--config=configs/pipeline_sim.py[:tiny]] [--config.seed=1]
+    python -m experiments.pipeline --config.methods=ppo,dpo,rloo,grpo,bon
 
-Each stage runs through its own module (`rlhf_jax.sft`, `rlhf_jax.rm`, `rlhf_jax.ppo`) in a work
-dir named by a hash of its config and of its inputs' hashes, under `<workdir>/stages/`; a stage
-whose output is already there is reused, an interrupted one resumes from its checkpoint. The
-base model comes from the world's model zoo cache (`rlhf_jax.sim.zoo`).
+Each stage runs through its own module (`rlhf_jax.sft`, `rlhf_jax.rm`, `rlhf_jax.ppo`, ...) in a
+work dir named by a hash of its config and of its inputs' hashes, under `<workdir>/stages/`; a
+stage whose output is already there is reused, an interrupted one resumes from its checkpoint.
+The base model comes from the world's model zoo cache (`rlhf_jax.zoo`). Every method starts from
+the same SFT policy; RM and DPO train on the same comparisons.
 
-Writes `<workdir>/summary.json` — for the SFT and the PPO policy: mean gold score, mean proxy
-(RM) score, KL from SFT; PPO's gold win rate against SFT on the same prompts — and
-`<workdir>/gold_proxy_vs_kl.png` (gold and proxy score against KL over PPO training), then prints
-a short table.
+Writes `<workdir>/summary.json` (per method: gold ± SEM, proxy score, KL from SFT, gold win rate
+vs SFT, on the same held-out prompts), `<workdir>/gold_vs_kl.png` (one point per method) and,
+for PPO, `<workdir>/gold_proxy_vs_kl.png` (gold and proxy over its training), then prints a table.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import json
-import logging
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
-log = logging.getLogger(__name__)
-
-
-def _key(config, *upstream: str) -> str:
-    d = config.to_dict()
-    d.pop("workdir", None)
-    blob = json.dumps([d, upstream], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+from experiments import lib
+from rlhf_jax import zoo
+from rlhf_jax.errors import UserError
+from rlhf_jax.trainer import Placement
 
 
-def _run_stage(name: str, module, config, workdir: Path, reuse: bool) -> Path:
-    from rlhf_jax import checkpoint
+# name -> (stage module, its config field, whether it trains against the RM). Best-of-n trains
+# nothing: it is a policy made of the SFT policy and the RM at comparison time.
+METHODS = {"ppo": ("rlhf_jax.ppo", "ppo", True), "dpo": ("rlhf_jax.dpo", "dpo", False),
+           "rloo": ("rlhf_jax.pg", "rloo", True), "grpo": ("rlhf_jax.pg", "grpo", True),
+           "dr_grpo": ("rlhf_jax.pg", "dr_grpo", True), "bon": (None, "bon", True)}
 
-    if reuse and checkpoint.stage_is_complete(workdir):
-        print(f"[pipeline] {name}: reusing {workdir}", flush=True)
-        return workdir
-    print(f"[pipeline] {name}: running in {workdir}", flush=True)
-    with config.unlocked():
-        config.workdir = str(workdir)
-    config.lock()
+
+def method_names(config) -> list[str]:
+    names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
+    for m in names:
+        if m not in METHODS:
+            raise UserError("config.methods", f"{m!r} is not a method",
+                            f"use a comma list of {sorted(METHODS)}")
+    if not names:
+        raise UserError("config.methods", "is empty", "e.g. --config.methods=ppo,dpo")
+    return names
+
+
+def _child(stage_cfg, **fields):
+    c = stage_cfg.copy_and_resolve_references()
+    with c.unlocked():
+        for k, v in fields.items():
+            c[k] = v
+    return c
+
+
+def validate(config) -> None:
+    """Every stage's config, before the first stage starts (a typo in the last stage's config
+    should not cost the minutes of the stages before it)."""
+    import jax
+
+    from rlhf_jax import config_utils, rm
+
+    stages = {"sft": config.sft, "rm": config.rm}
+    for name in method_names(config):
+        module, field, _ = METHODS[name]
+        if module is not None:
+            stages[name] = config[field]
+    for name, stage_cfg in stages.items():
+        cfg = _child(stage_cfg, init_from="<sft>", reward_from="<rm>") \
+            if "reward_from" in stage_cfg else _child(stage_cfg, init_from="<sft>")
+        if cfg.train.get("epochs", 0) > 0:  # steps come from the data: any count >= warmup
+            config_utils.set_dotted(cfg, "train.steps", max(cfg.train.steps,
+                                                            cfg.optim.warmup_steps, 1))
+        config_utils.validate(cfg, jax.device_count())
+        module = rm if name == "rm" else (importlib.import_module(METHODS[name][0])
+                                          if name in METHODS else None)
+        if module is not None and hasattr(module, "validate_config"):
+            module.validate_config(cfg)
+
+
+def base_stages(config) -> tuple[dict[str, Path], object]:
+    """Run (or reuse) the base model, SFT and RM stages every method starts from; returns their
+    work dirs and the RM stage's config (DPO trains on its comparisons)."""
+    from rlhf_jax import rm, sft
+
+    stages, reuse, seed = Path(config.workdir) / "stages", config.reuse, config.seed
     t0 = time.perf_counter()
-    module.run(config)
-    print(f"[pipeline] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return workdir
+    base = zoo.ensure_pretrained(config.pretrain)
+    print(f"[pipeline] base model: {base} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    sft_cfg = _child(config.sft, init_from=str(base), seed=seed)
+    dirs = {"base": base}
+    dirs["sft"] = lib.run_stage("sft", sft, sft_cfg, stages / f"sft-{lib.stage_key(sft_cfg)}",
+                                reuse)
+    rm_cfg = _child(config.rm, init_from=str(dirs["sft"]), seed=seed)
+    dirs["rm"] = lib.run_stage("rm", rm, rm_cfg, stages / f"rm-{lib.stage_key(rm_cfg)}", reuse)
+    return dirs, rm_cfg
 
 
 def run_stages(config) -> dict[str, Path]:
     """Run (or reuse) every stage; returns their work dirs."""
-    from rlhf_jax import ppo, rm, sft
-    from rlhf_jax.sim import zoo
-
-    root = Path(config.workdir)
-    stages = root / "stages"
-    t0 = time.perf_counter()
-    base = zoo.ensure_pretrained(config.pretrain)
-    print(f"[pipeline] base model: {base} ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    sft_cfg = config.sft.copy_and_resolve_references()
-    with sft_cfg.unlocked():
-        sft_cfg.init_from, sft_cfg.seed = str(base), config.seed
-    sft_dir = _run_stage("sft", sft, sft_cfg, stages / f"sft-{_key(sft_cfg)}", config.reuse)
-
-    rm_cfg = config.rm.copy_and_resolve_references()
-    with rm_cfg.unlocked():
-        rm_cfg.init_from, rm_cfg.seed = str(sft_dir), config.seed
-    rm_dir = _run_stage("rm", rm, rm_cfg, stages / f"rm-{_key(rm_cfg)}", config.reuse)
-
-    ppo_cfg = config.ppo.copy_and_resolve_references()
-    with ppo_cfg.unlocked():
-        ppo_cfg.init_from, ppo_cfg.reward_from, ppo_cfg.seed = str(sft_dir), str(rm_dir), config.seed
-    ppo_dir = _run_stage("ppo", ppo, ppo_cfg, stages / f"ppo-{_key(ppo_cfg)}", config.reuse)
-    return {"base": base, "sft": sft_dir, "rm": rm_dir, "ppo": ppo_dir}
-
-
-def compare_policies(config, dirs: dict[str, Path]) -> dict:
-    """SFT vs PPO on the same held-out prompts: gold, proxy, KL from SFT, gold win rate."""
-    from transformers import AutoTokenizer
-
-    from rlhf_jax import checkpoint, models, rewards
-    from rlhf_jax.data import builders
-    from rlhf_jax.evaluation import sample_texts, sequence_kl
-    from rlhf_jax.sim.judges import get_judge
-
-    sft_params, sft_meta = checkpoint.load_stage_params(dirs["sft"])
-    policy_cfg = models.ModelConfig.from_dict(sft_meta["model_config"])
-    ppo_params, _ = checkpoint.load_stage_params(dirs["ppo"])  # PPO hands off the policy
-    rm_params, rm_meta = checkpoint.load_stage_params(dirs["rm"])
-    rm_cfg = models.ModelConfig.from_dict(rm_meta["model_config"])
-    norm = rm_meta.get("reward_norm")
-    tokenizer = AutoTokenizer.from_pretrained(sft_meta["tokenizer_dir"])
-
-    pc = config.ppo
-    prompts, _ = builders.load_prompts(pc.data.source, "eval")
-    prompts = (prompts * (config.eval.num_prompts // max(len(prompts), 1) + 1))[: config.eval.num_prompts]
-    temperature = float(pc.rollout.temperature)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 1234)
-    gold_judge = get_judge(config.eval.judge)
-    results, per_sample = {}, {}
-    for i, (name, params) in enumerate((("sft", sft_params), ("ppo", ppo_params))):
-        s = sample_texts(policy_cfg, params, tokenizer, prompts, jax.random.fold_in(rng, i),
-                         max_prompt_len=pc.data.max_prompt_len,
-                         max_new_tokens=pc.rollout.max_new_tokens, temperature=temperature,
-                         batch_size=config.eval.batch_size)
-        seq_tokens = np.concatenate([s["prompt_tokens"], s["tokens"]], axis=1)
-        seq_mask = np.concatenate([s["prompt_mask"], s["mask"]], axis=1)
-        proxy = rewards.score_batches(rm_cfg, rm_params, seq_tokens, seq_mask, norm,
-                                 batch_size=config.eval.batch_size)
-        gold = np.asarray(gold_judge.score(prompts, s["responses"]), np.float64)
-        # Sequence KL(policy || SFT), k1 on the policy's own samples (unbiased), with both
-        # policies' log-probs at the sampling temperature, as PPO's KL penalty sees them.
-        kl = sequence_kl(policy_cfg, params, sft_params, seq_tokens, seq_mask,
-                             s["prompt_tokens"].shape[1], temperature,
-                             batch_size=config.eval.batch_size)
-        per_sample[name] = gold
-        results[name] = {
-            "gold_mean": float(gold.mean()), "gold_sem": float(gold.std() / np.sqrt(len(gold))),
-            "proxy_mean": float(proxy.mean()), "kl_from_sft": float(kl.mean()),
-            "eos_rate": float(np.mean(s["ended"])), "response_length": float(np.mean(s["lengths"])),
-        }
-        results[name]["_samples"] = list(zip(prompts[:6], s["responses"][:6], gold[:6]))
-    wins = per_sample["ppo"] > per_sample["sft"]
-    ties = per_sample["ppo"] == per_sample["sft"]
-    results["ppo_win_rate_vs_sft"] = float(np.mean(wins) + 0.5 * np.mean(ties))
-    results["num_prompts"] = len(prompts)
-    results["judge"] = config.eval.judge
-    return results
-
-
-def plot_training(ppo_dir: Path, out: Path) -> Path | None:
-    """Gold and proxy score against KL over PPO training, from the PPO run's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines() if line]
-    rows = [r for r in rows if "kl" in r and "rm_score" in r]
-    if not rows:
-        return None
-    kl = np.array([r["kl"] for r in rows])
-    steps = np.array([r.get("step", i) for i, r in enumerate(rows)])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    # KL does not grow monotonically, so points (shaded by update) read better than a line.
-    series = [("rm_score", "proxy (RM) score", "Blues", "o")]
-    if "gold" in rows[0]:
-        series.append(("gold", "gold score (VADER)", "Oranges", "s"))
-    for key, label, cmap, marker in series:
-        ax.scatter(kl, [r[key] for r in rows], c=steps, cmap=cmap, vmin=-0.3 * steps.max(),
-                   marker=marker, s=14, label=label)
-    ax.set_xlabel("KL(π || π_SFT) per episode [nats]")
-    ax.set_ylabel("mean score of rollouts")
-    ax.set_title("PPO on the simulated world (darker = later update)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    stages, reuse, seed = Path(config.workdir) / "stages", config.reuse, config.seed
+    names = method_names(config)
+    dirs, rm_cfg = base_stages(config)
+    for name in names:
+        module, field, needs_rm = METHODS[name]
+        if module is None:
+            continue
+        module = importlib.import_module(module)
+        fields = dict(init_from=str(dirs["sft"]), seed=seed)
+        if needs_rm:
+            fields["reward_from"] = str(dirs["rm"])
+        cfg = _child(config[field], **fields)
+        if name == "dpo":  # DPO learns from exactly the comparisons the RM learned from
+            with cfg.unlocked():
+                cfg.data.source = rm_cfg.data.source
+                cfg.data.candidates = rm_cfg.data.candidates
+        dirs[name] = lib.run_stage(name, module, cfg,
+                                   stages / f"{name}-{lib.stage_key(cfg)}", reuse)
+    return dirs
 
 
 def run(config) -> dict:
     t0 = time.perf_counter()
     root = Path(config.workdir)
     root.mkdir(parents=True, exist_ok=True)
+    names = method_names(config)
+    validate(config)
     dirs = run_stages(config)
     t_stages = time.perf_counter() - t0
-    results = compare_policies(config, dirs)
-    plot = plot_training(dirs["ppo"], root / "gold_proxy_vs_kl.png")
-    samples = {k: results[k].pop("_samples") for k in ("sft", "ppo")}
+    policies = {n: (lib.BestOfN(int(config.bon.n)) if n == "bon" else dirs[n]) for n in names}
+    # The comparison runs on the SFT stage's mesh.
+    results = lib.compare_policies(config.eval, policies, dirs["sft"], dirs["rm"], config.seed,
+                                   Placement(config.sft))
+    samples = {k: r.pop("_samples") for k, r in results.items()}
+    plot = lib.plot_gold_vs_kl(results, root / "gold_vs_kl.png", config.eval.gold)
+    training = lib.plot_training(dirs["ppo"], root / "gold_proxy_vs_kl.png") \
+        if "ppo" in dirs else None
     summary = {
         **results,
+        "methods": names, "num_prompts": int(config.eval.num_prompts), "judge": config.eval.gold,
         "stage_dirs": {k: str(v) for k, v in dirs.items()},
-        "plot": str(plot) if plot else None,
+        "plots": {"gold_vs_kl": str(plot), "training": str(training) if training else None},
         "seconds": {"stages": round(t_stages, 1), "total": round(time.perf_counter() - t0, 1)},
         "seed": config.seed,
     }
@@ -187,18 +150,19 @@ def run(config) -> dict:
 
 
 def _print_table(summary: dict, samples: dict, root: Path) -> None:
-    print("\n              gold (VADER)   proxy (RM)   KL from SFT   EOS rate")
-    for name in ("sft", "ppo"):
+    print(f"\n  method     gold ({summary['judge']})     proxy (RM)   KL from SFT   "
+          "win rate vs SFT   EOS rate")
+    for name in ["sft", *summary["methods"]]:
         r = summary[name]
-        print(f"  {name.upper():<10}  {r['gold_mean']:+.3f}±{r['gold_sem']:.3f}   {r['proxy_mean']:+8.3f}"
-              f"   {r['kl_from_sft']:10.2f}   {r['eos_rate']:8.2f}")
-    print(f"\n  PPO gold win rate vs SFT: {summary['ppo_win_rate_vs_sft']:.1%} "
-          f"({summary['num_prompts']} prompts)   time: {summary['seconds']['total']:.0f} s")
-    for name in ("sft", "ppo"):
+        print(f"  {name.upper():<8}  {r['gold']:+.3f} ± {r['gold_sem']:.3f}   {r['rm_score']:+8.3f}"
+              f"   {r['kl']:10.2f}   {r['win_rate_vs_sft']:14.1%}   {r['eos_rate']:8.2f}")
+    print(f"\n  {summary['num_prompts']} held-out prompts; "
+          f"time: {summary['seconds']['total']:.0f} s")
+    for name in ["sft", *summary["methods"]]:
         print(f"\n  {name.upper()} samples:")
         for p, r, g in samples[name][:3]:
             print(f"    [{g:+.2f}] {p} | {r}")
-    print(f"\n  summary: {root / 'summary.json'}\n  plot:    {summary['plot']}\n")
+    print(f"\n  summary: {root / 'summary.json'}\n  plot:    {summary['plots']['gold_vs_kl']}\n")
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_sim.py"

@@ -1,50 +1,82 @@
-"""Sample from a policy and judge the samples: the measurements every stage and experiment shares.
+"""Evaluations every stage and experiment shares, as configured objects.
 
-Gold judges only ever see text here — they measure, they never feed a reward.
+* `PolicyEval`: sample a policy on held-out prompts -> decode -> reward model (proxy) -> gold
+  judges -> KL from a reference -> metrics, per-row results and a `samples.md` table. SFT, PPO,
+  DPO, the critic-free methods, best-of-n and the pipeline's method comparison all call it.
+* `PreferenceEval`: a scorer's accuracy on held-out comparisons, with the noiseless gold's
+  ceiling, calibration, and per-annotator and per-bucket breakdowns (RM and DPO).
+
+Gold judges only ever see text here: they measure, they never feed a reward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
-from rlhf_jax import models, ops, sampling
+from rlhf_jax import models, ops, rewards, sampling
 from rlhf_jax.data import tokenize
+from rlhf_jax.errors import UserError
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def _global(place, chunk: dict):
+    """Host chunk -> the arrays a jit takes: global and batch-sharded under a trainer."""
+    return chunk if place is None else place.shard_rows(chunk)
 
 
 def sample_texts(cfg: models.ModelConfig, params, tokenizer, prompts: Sequence[str], rng, *,
                  max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
-                 batch_size: int = 128) -> dict:
+                 batch_size: int = 128, place=None) -> dict:
     """Sample one response per prompt in fixed-shape batches (one compile).
 
     Returns {"responses": list[str], "ended": bool[N], "lengths": int[N],
-    "tokens", "mask": [N, max_new_tokens], "prompt_tokens", "prompt_mask": [N, P]}.
-    The last batch is padded with repeats of the first prompt so shapes never change.
+    "tokens", "mask": [N, max_new_tokens], "prompt_tokens", "prompt_mask": [N, P]}. The chunk
+    starting at row s samples with `fold_in(rng, s)`. `place` (a Trainer) splits each chunk
+    over the mesh's batch axes and gathers the results on every process.
     """
     pad_id, eos_id = tokenize.special_ids(tokenizer)
     prompts = list(prompts)
-    n = len(prompts)
-    if n == 0:
+    if not prompts:
         raise ValueError("sample_texts: no prompts")
-    bs = min(batch_size, n)
-    outs = []
-    for start in range(0, n, bs):
-        chunk = prompts[start:start + bs]
-        chunk = chunk + [prompts[0]] * (bs - len(chunk))
-        enc, _ = tokenize.encode_prompts(tokenizer, chunk, max_prompt_len)
-        out = sampling.generate(
-            cfg, params, enc["prompt_tokens"], enc["prompt_mask"], jax.random.fold_in(rng, start),
-            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature)
-        out = jax.device_get(out)
-        outs.append({"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
-                     "ended": np.asarray(out.ended), "lengths": np.asarray(out.lengths),
-                     "prompt_tokens": enc["prompt_tokens"], "prompt_mask": enc["prompt_mask"]})
-    res = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+    enc, _ = tokenize.encode_prompts(tokenizer, prompts, max_prompt_len)
+
+    def one(chunk, start):
+        g = _global(place, chunk)
+        out = sampling.generate(cfg, params, g["prompt_tokens"], g["prompt_mask"],
+                                jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens,
+                                eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+                                mesh=None if place is None else place.mesh,
+                                rules=None if place is None else place.rules)
+        return {"tokens": out.tokens, "mask": out.mask, "ended": out.ended,
+                "lengths": out.lengths}
+
+    res = ops.batched(one, enc, batch_size, ops.row_multiple(place))
+    res.update(enc)
     res["responses"] = decode_responses(tokenizer, res["tokens"], res["mask"])
     return res
+
+
+def policy_sampler(policy, tokenizer, settings, key, place=None) -> Callable:
+    """`sample(index, prompts) -> sample_texts output` of a loaded policy with a config's
+    sampling block (`max_prompt_len`, `max_new_tokens`, `temperature`, `batch_size`); call
+    `index` draws with `fold_in(key, index)` (e.g. `preferences.load_comparisons`)."""
+    def sample(index: int, prompts: list[str]) -> dict:
+        return sample_texts(policy.cfg, policy.params, tokenizer, prompts,
+                            jax.random.fold_in(key, index),
+                            max_prompt_len=int(settings.max_prompt_len),
+                            max_new_tokens=int(settings.max_new_tokens),
+                            temperature=float(settings.temperature),
+                            batch_size=int(settings.batch_size), place=place)
+
+    return sample
 
 
 def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -59,18 +91,6 @@ def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[st
     return texts
 
 
-def judge(judge_obj, prompts: Sequence[str], samples: dict) -> dict[str, float]:
-    """Mean gold score, EOS rate and mean length of `sample_texts` output."""
-    gold = np.asarray(judge_obj.score(list(prompts), samples["responses"]), np.float64)
-    return {
-        "gold_mean": float(gold.mean()),
-        "gold_std": float(gold.std()),
-        "eos_rate": float(np.mean(samples["ended"])),
-        "response_length": float(np.mean(samples["lengths"])),
-        "_gold": gold,
-    }
-
-
 def sample_table(prompts: Sequence[str], responses: Sequence[str], n: int = 8, **columns) -> str:
     """A small markdown table of samples for logs (prompt | response | any score columns)."""
     names = list(columns)
@@ -82,30 +102,273 @@ def sample_table(prompts: Sequence[str], responses: Sequence[str], n: int = 8, *
     return "\n".join(lines)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _kl_jit(cfg, params, ref_params, tokens, mask, prompt_len, temperature):
+    positions = models.positions_from_mask(mask)
+    lp = ops.response_logprobs(cfg, params, tokens, mask, positions, prompt_len,
+                               temperature=temperature)["logp"]
+    lr = ops.response_logprobs(cfg, ref_params, tokens, mask, positions, prompt_len,
+                               temperature=temperature)["logp"]
+    return ((lp - lr) * mask[:, prompt_len:]).sum(-1)
+
+
 def sequence_kl(cfg: models.ModelConfig, params, ref_params, seq_tokens, seq_mask,
-                prompt_len: int, temperature: float = 1.0, batch_size: int = 128) -> np.ndarray:
+                prompt_len: int, temperature: float = 1.0, batch_size: int = 128,
+                place=None) -> np.ndarray:
     """Per-sample k1 estimate of KL(π || π_ref) over the response: Σ_t log π − log π_ref.
 
     Unbiased when the samples come from π. Both log-probs use logits / temperature, the
     distribution the samples were drawn from (and the one PPO's KL penalty uses).
     """
-    seq_tokens, seq_mask = np.asarray(seq_tokens), np.asarray(seq_mask)
-    n = seq_tokens.shape[0]
-    out = np.zeros((n,), np.float64)
-    for s in range(0, n, batch_size):
-        t, m = seq_tokens[s:s + batch_size], seq_mask[s:s + batch_size]
-        k = t.shape[0]
-        if k < batch_size and n > batch_size:  # keep one compiled shape
-            t = np.concatenate([t, np.repeat(t[-1:], batch_size - k, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], batch_size - k, 0)])
-        out[s:s + k] = np.asarray(_kl_jit(cfg, params, ref_params, t, m, prompt_len, temperature))[:k]
+    def one(chunk, start):
+        g = _global(place, chunk)
+        return _kl_jit(cfg, params, ref_params, g["tokens"], g["mask"], prompt_len,
+                       float(temperature))
+
+    return ops.batched(one, {"tokens": seq_tokens, "mask": seq_mask}, batch_size,
+                       ops.row_multiple(place))
+
+
+def gold_scores(judges: dict, prompts: Sequence[str], responses: Sequence[str]):
+    """{judge name: float64 [N]} of every judge."""
+    return {name: np.asarray(j.score(list(prompts), list(responses)), np.float64)
+            for name, j in judges.items()}
+
+
+def get_judges(names: Sequence[str], field: str = "config.eval.judges") -> dict:
+    from rlhf_jax.sim.judges import available_judges, get_judge
+
+    for name in names:
+        if name not in available_judges():
+            raise UserError(field, f"unknown judge {name!r}", f"use some of {available_judges()}")
+    return {name: get_judge(name) for name in names}
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+    """P(a > b) on the same prompts, ties counting one half."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+# ------------------------------------------------------------------------- policy evaluation
+
+
+@dataclasses.dataclass
+class PolicyEval:
+    """Sample -> decode -> RM -> gold judges -> KL, on fixed held-out prompts.
+
+    Configured once per stage (`from_config`), called with any policy of the same tokenizer:
+    `metrics, rows = ev(cfg, params, key)`. `reward` / `reference` are `handoff.Loaded` models
+    (placed on the mesh by the caller); without them the proxy score / KL are not reported.
+    Metrics: `gold` (the primary judge) and `gold/<judge>` for each judge, `rm_score`, `kl`,
+    `response_length`, `eos_rate`, plus anything `probes(prompts, responses)` returns. Rows:
+    per-sample `prompt`, `response`, `ended`, `length`, `rm_score`, `kl`, `gold/<judge>`.
+    """
+
+    prompts: list[str]
+    tokenizer: Any
+    max_prompt_len: int
+    max_new_tokens: int
+    temperature: float
+    batch_size: int
+    judges: dict = dataclasses.field(default_factory=dict)
+    gold: str | None = None
+    reward: Any = None
+    reference: Any = None
+    sample_rows: int = 8
+    place: Any = None
+    probes: Callable[[list[str], list[str]], dict] | None = None
+
+    @classmethod
+    def from_config(cls, ev, prompts: Sequence[str], tokenizer, *, reward=None, reference=None,
+                    place=None, probes=None, field: str = "config.eval") -> "PolicyEval":
+        """From an `eval` config block (`config_utils.policy_eval_config`)."""
+        judges = get_judges(tuple(ev.judges), f"{field}.judges")
+        if ev.gold and ev.gold not in judges:
+            raise UserError(f"{field}.gold", f"{ev.gold!r} is not one of {field}.judges="
+                            f"{tuple(ev.judges)}", "add it there, or set '' for none")
+        n = int(ev.num_prompts)
+        if n < 1:
+            raise UserError(f"{field}.num_prompts", f"{n} must be >= 1", "")
+        prompts = list(prompts)
+        if not prompts:
+            raise UserError("config.data.source", "gives no evaluation prompts", "")
+        prompts = (prompts * (n // len(prompts) + 1))[:n]  # few real prompts: reuse them
+        return cls(prompts=prompts, tokenizer=tokenizer, max_prompt_len=int(ev.max_prompt_len),
+                   max_new_tokens=int(ev.max_new_tokens), temperature=float(ev.temperature),
+                   batch_size=int(ev.batch_size), judges=judges, gold=ev.gold or None,
+                   reward=reward, reference=reference, sample_rows=int(ev.sample_rows),
+                   place=place, probes=probes)
+
+    def sample(self, cfg, params, key) -> dict:
+        return sample_texts(cfg, params, self.tokenizer, self.prompts, key,
+                            max_prompt_len=self.max_prompt_len,
+                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            batch_size=self.batch_size, place=self.place)
+
+    def score(self, cfg, params, samples: dict) -> tuple[dict, dict]:
+        """Metrics and rows of samples already drawn from policy (cfg, params)."""
+        seq_t = np.concatenate([samples["prompt_tokens"], samples["tokens"]], axis=1)
+        seq_m = np.concatenate([samples["prompt_mask"], samples["mask"]], axis=1)
+        rows: dict[str, Any] = {"prompt": self.prompts, "response": samples["responses"],
+                                "ended": np.asarray(samples["ended"]),
+                                "length": np.asarray(samples["lengths"])}
+        if self.reward is not None:
+            rows["rm_score"] = rewards.score_batches(
+                self.reward.cfg, self.reward.params, seq_t, seq_m, self.reward.reward_norm,
+                batch_size=self.batch_size, place=self.place)
+        if self.reference is not None:
+            rows["kl"] = sequence_kl(cfg, params, self.reference.params, seq_t, seq_m,
+                                     samples["prompt_tokens"].shape[1], self.temperature,
+                                     self.batch_size, place=self.place)
+        for name, g in gold_scores(self.judges, self.prompts, samples["responses"]).items():
+            rows[f"gold/{name}"] = g
+        metrics = {k: float(np.mean(v)) for k, v in rows.items()
+                   if k not in ("prompt", "response", "ended", "length")}
+        metrics["eos_rate"] = float(np.mean(rows["ended"]))
+        metrics["response_length"] = float(np.mean(rows["length"]))
+        if self.gold:
+            g = rows[f"gold/{self.gold}"]
+            metrics["gold"] = float(g.mean())
+            metrics["gold_sem"] = float(g.std() / np.sqrt(len(g)))
+        if self.probes is not None:
+            metrics.update(self.probes(self.prompts, samples["responses"]))
+        return metrics, rows
+
+    def __call__(self, cfg, params, key) -> tuple[dict, dict]:
+        return self.score(cfg, params, self.sample(cfg, params, key))
+
+    def table(self, rows: dict, title: str) -> str:
+        cols = {c: rows[c] for c in ("rm_score", "kl") if c in rows}
+        if self.gold:
+            cols[f"gold ({self.gold})"] = rows[f"gold/{self.gold}"]
+        return f"\n## {title}\n\n" + sample_table(rows["prompt"], rows["response"],
+                                                   n=self.sample_rows, **cols) + "\n"
+
+    def write_table(self, workdir: str | Path, step: int, rows: dict, metrics: dict) -> None:
+        """Append this evaluation's sample table to `workdir/samples.md` (main process)."""
+        if jax.process_index() != 0 or self.sample_rows <= 0:
+            return
+        head = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("gold", "rm_score", "kl")
+                         if k in metrics)
+        with open(Path(workdir) / "samples.md", "a") as f:
+            f.write(self.table(rows, f"step {step} ({head})"))
+
+
+# --------------------------------------------------------------------- preference evaluation
+
+
+def ranked_pairs(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, winner, loser) index arrays of every ordered pair in rankings [N, K] (-1 absent)."""
+    ranks = np.asarray(ranks)
+    present = ranks >= 0
+    better = ranks[:, :, None] < ranks[:, None, :]
+    row, win, lose = np.nonzero(better & present[:, :, None] & present[:, None, :])
+    return row, win, lose
+
+
+def _acc(diff: np.ndarray) -> float:
+    diff = np.asarray(diff, np.float64)
+    return float(np.mean((diff > 0) + 0.5 * (diff == 0))) if diff.size else float("nan")
+
+
+def sigmoid_np(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def preference_metrics(ranks: np.ndarray, scores: np.ndarray, *, raw: np.ndarray | None = None,
+                       gold: np.ndarray | None = None, annotators: list[str] | None = None,
+                       buckets: list[str] | None = None, annotator_names: dict | None = None,
+                       gap_edges: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)) -> dict:
+    """Accuracy of `scores` [N, K] against the labelled rankings, and its breakdowns.
+
+    Every ordered pair of every ranking counts once; a score tie counts one half. With `gold`
+    [N, K], `gold_ceiling_accuracy` is the noiseless gold's accuracy on the same labels: the best
+    the annotators' noise allows. Calibration bins pairs by |score gap| (edges `gap_edges`, last
+    bin open) and compares the accuracy with the Bradley-Terry probability the model gives its
+    own pick, sigmoid(|raw gap|) (`raw`: unnormalised scores, e.g. the RM's raw head or DPO's
+    implicit reward; default `scores`).
+    """
+    scores = np.asarray(scores, np.float64)
+    raw = scores if raw is None else np.asarray(raw, np.float64)
+    row, w, l = ranked_pairs(ranks)
+    diff = scores[row, w] - scores[row, l]
+    out: dict[str, Any] = {"pairs": int(diff.size), "accuracy": _acc(diff)}
+    gdiff = None
+    if gold is not None:
+        gold = np.asarray(gold, np.float64)
+        gdiff = gold[row, w] - gold[row, l]
+        out["gold_ceiling_accuracy"] = _acc(gdiff)
+
+    def breakdown(labels, names=None):
+        groups = {}
+        lab = np.asarray([str(labels[r]) for r in row])
+        for g in sorted(set(lab.tolist()), key=lambda x: (len(x), x)):
+            sel = lab == g
+            name = names.get(g, g) if names else g
+            d = {"pairs": int(sel.sum()), "accuracy": _acc(diff[sel])}
+            if gdiff is not None:
+                d["gold_ceiling_accuracy"] = _acc(gdiff[sel])
+            groups[name] = d
+        return groups
+
+    if annotators is not None and any(a != "" for a in annotators):
+        out["per_annotator"] = breakdown(annotators, annotator_names)
+    if buckets is not None and any(b != "" for b in buckets):
+        out["per_bucket"] = breakdown(buckets)
+    gap = np.abs(diff)
+    conf = sigmoid_np(np.abs(raw[row, w] - raw[row, l]))
+    edges = list(gap_edges) + [np.inf]
+    cal = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (gap >= lo) & (gap < hi)
+        if sel.any():
+            cal.append({"gap_lo": float(lo), "gap_hi": float(hi), "pairs": int(sel.sum()),
+                        "accuracy": _acc(diff[sel]), "predicted": float(conf[sel].mean())})
+    out["calibration"] = cal
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _kl_jit(cfg, params, ref_params, tokens, mask, prompt_len, temperature):
-    lp, _ = ops.token_logprobs(cfg, params, tokens, mask, temperature=temperature)
-    lr, _ = ops.token_logprobs(cfg, ref_params, tokens, mask, temperature=temperature)
-    # Row t-1 of the log-probs scores token t: response tokens are t >= prompt_len.
-    w = mask[:, 1:].astype(lp.dtype) * (jax.numpy.arange(tokens.shape[1] - 1) >= prompt_len - 1)
-    return ((lp - lr) * w).sum(-1)
+def judge_agreement(score_diff: np.ndarray, gold_diff: np.ndarray) -> dict[str, float]:
+    """How often a scorer orders a pair as a gold judge does (gold ties left out)."""
+    score_diff, gold_diff = np.asarray(score_diff), np.asarray(gold_diff)
+    keep = gold_diff != 0
+    return {"agreement": _acc(score_diff[keep] * np.sign(gold_diff[keep])),
+            "pairs": int(keep.sum())}
+
+
+@dataclasses.dataclass
+class PreferenceEval:
+    """A scorer's held-out preference accuracy with its ceiling, calibration and breakdowns.
+
+    `records` are the held-out comparisons (their `rank`, `gold`, `annotator`, `bucket`);
+    calling it with the scorer's `scores` [N, K] (and `raw`, unnormalised) gives the metrics.
+    """
+
+    ranks: np.ndarray
+    gold: np.ndarray | None = None
+    annotators: list[str] | None = None
+    buckets: list[str] | None = None
+    annotator_names: dict | None = None
+    gap_edges: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict], ranks: np.ndarray, *, annotator_names=None,
+                     gap_edges=(0.0, 0.25, 0.5, 1.0, 2.0)) -> "PreferenceEval":
+        from rlhf_jax.data.preferences import gold_array
+
+        return cls(ranks=np.asarray(ranks), gold=gold_array(records),
+                   annotators=[r.get("annotator", "") for r in records],
+                   buckets=[r.get("bucket", "") for r in records],
+                   annotator_names=annotator_names, gap_edges=tuple(gap_edges))
+
+    def __call__(self, scores: np.ndarray, raw: np.ndarray | None = None) -> dict:
+        return preference_metrics(self.ranks, scores, raw=raw, gold=self.gold,
+                                  annotators=self.annotators, buckets=self.buckets,
+                                  annotator_names=self.annotator_names,
+                                  gap_edges=self.gap_edges)
+
+
+__all__ = ["PolicyEval", "PreferenceEval", "decode_responses", "get_judges", "gold_scores",
+           "judge_agreement", "preference_metrics", "ranked_pairs", "sample_table",
+           "sample_texts", "sequence_kl", "win_rate"]

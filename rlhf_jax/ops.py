@@ -7,10 +7,14 @@ pitfall 6) and padding never enters an average (pitfall 13).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rlhf_jax import models
+from rlhf_jax import lm_head, models
+from rlhf_jax.sharding import to_host
 
 
 def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -67,17 +71,65 @@ def token_logprobs(cfg: models.ModelConfig, params, tokens, mask, *, positions=N
 
     Row t of the result scores token t+1 (the standard target shift). Callers weight it with
     `loss_mask[:, 1:]`, so the first response token — predicted from the last prompt token —
-    is trained (pitfall 13 in DESIGN.md).
+    is trained (pitfall 13 in DESIGN.md). The LM head runs in sequence chunks (`lm_head`), so
+    the full [B, T, V] logits never exist.
     """
     if positions is None:
         positions = models.positions_from_mask(mask)
-    out = models.forward(cfg, params, tokens, positions, mask, segment_ids=segment_ids)
-    logits = out["logits"][:, :-1] / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    targets = tokens[:, 1:]
-    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
+    hidden = models.forward(cfg, params, tokens, positions, mask, segment_ids=segment_ids,
+                            want_logits=False)["hidden"]
+    return lm_head.shifted_logprobs(params, hidden, tokens, temperature=temperature,
+                                    with_entropy=True)
+
+
+def target_logprobs(cfg: models.ModelConfig, params, hidden: jax.Array, targets: jax.Array, *,
+                    temperature: float = 1.0, with_entropy: bool = False) -> dict[str, jax.Array]:
+    """log p(target) under the LM head's logits / T at the given hidden states [B, N, D].
+
+    Only the positions passed in go through the LM head, so a caller that needs the response's
+    N tokens out of a P + N sequence pays N, not P + N, rows of the [D, V] matmul; and the head
+    runs in sequence chunks with a recomputing backward (`lm_head`), so the full f32 logits are
+    never held at a large vocabulary.
+    """
+    logp, entropy = lm_head.head_logprobs(params, hidden.astype(jnp.dtype(cfg.dtype)), targets,
+                                          temperature=temperature, with_entropy=with_entropy)
+    out = {"logp": logp}
+    if with_entropy:
+        out["entropy"] = entropy
+    return out
+
+
+def response_logprobs(cfg: models.ModelConfig, params, tokens: jax.Array, mask: jax.Array,
+                      positions: jax.Array, prompt_len: int, *, temperature: float = 1.0,
+                      with_entropy: bool = False) -> dict[str, jax.Array]:
+    """Teacher-forced pass over prompt + response [B, P + N] -> per response token [B, N].
+
+    Row t is read at sequence position P - 1 + t, whose logits predict response token t. The
+    hidden states are sliced to those N positions before the LM head. Returns `logp` (of the
+    response tokens under logits / T: the sampler's distribution, Ziegler et al. 2019),
+    optionally `entropy`, and `scores` [B, N] when `params` hold a score head (a value head on
+    the same trunk reads position P - 1 + t too).
+    """
+    P = prompt_len
+    out = models.forward(cfg, params, tokens, positions, mask, want_logits=False)
+    res = target_logprobs(cfg, params, out["hidden"][:, P - 1:-1], tokens[:, P:],
+                          temperature=temperature, with_entropy=with_entropy)
+    if "scores" in out:
+        res["scores"] = out["scores"][:, P - 1:-1]
+    return res
+
+
+def sequence_logprobs(cfg: models.ModelConfig, params, tokens: jax.Array, mask: jax.Array,
+                      response_mask: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+    """Per-token log-probs [B, T - 1] of every token given the ones before it, zero outside
+    `response_mask[:, 1:]` (row t scores token t + 1). Positions are `cumsum(mask) - 1`, so any
+    padding (left, right, two-sided) gives the same numbers; sum over axis 1 for a sequence's
+    log-prob (DPO)."""
+    positions = models.positions_from_mask(mask)
+    out = models.forward(cfg, params, tokens, positions, mask, want_logits=False)
+    logp = target_logprobs(cfg, params, out["hidden"][:, :-1], tokens[:, 1:],
+                           temperature=temperature)["logp"]
+    return logp * response_mask[:, 1:].astype(logp.dtype)
 
 
 def lm_loss_sums(cfg: models.ModelConfig, params, batch) -> tuple[jax.Array, dict]:
@@ -92,3 +144,34 @@ def lm_loss_sums(cfg: models.ModelConfig, params, batch) -> tuple[jax.Array, dic
     return nll, {"count": count, "loss": nll}
 
 
+
+
+def row_multiple(place) -> int:
+    """Rows a chunk must be a multiple of to split over `place`'s mesh (1 with no placement)."""
+    return 1 if place is None else place.batch_shards
+
+
+def batched(fn: Callable[[dict, int], object], arrays: Mapping[str, np.ndarray],
+            batch_size: int, multiple_of: int = 1) -> object:
+    """`fn(chunk, start)` over fixed-size row chunks of `arrays`, outputs concatenated on host.
+
+    Chunks hold `batch_size` rows (fewer when there are fewer rows), rounded up to a multiple of
+    `multiple_of` (a mesh's batch shards); short chunks are padded by repeating their last row,
+    so a jitted `fn` compiles one shape, and the padding rows' outputs are dropped. `start` is
+    the chunk's first row (for per-chunk keys). Outputs (any tree of arrays with a leading row
+    dim) come to the host with `sharding.to_host`, which gathers shards of other processes.
+    """
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    n = next(iter(arrays.values())).shape[0]
+    if n == 0:
+        raise ValueError("batched: no rows")
+    bs = -(-min(batch_size, n) // multiple_of) * multiple_of
+    outs = []
+    for start in range(0, n, bs):
+        chunk = {k: v[start:start + bs] for k, v in arrays.items()}
+        k = next(iter(chunk.values())).shape[0]
+        if k < bs:
+            chunk = {kk: np.concatenate([v, np.repeat(v[-1:], bs - k, 0)]) for kk, v in chunk.items()}
+        out = to_host(fn(chunk, start))
+        outs.append(jax.tree.map(lambda x: x[:k], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -25,12 +24,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import evaluation, handoff, models, rewards, sampling
-from rlhf_jax.ops import (kl_estimators, lm_loss_sums, masked_mean, masked_var,
-                          masked_whiten)
+from rlhf_jax import (config_utils, evaluation, models, onpolicy, optim, rewards, sampling,
+                      sharding)
+from rlhf_jax import trainer as trainer_lib
+from rlhf_jax.errors import UserError
+from rlhf_jax.ops import (kl_estimators, lm_loss_sums, masked_mean, masked_var, masked_whiten,
+                          response_logprobs)
+from rlhf_jax.rewards import apply_eos_trick
+from rlhf_jax.rng import Purpose, StepUse, step_key
 
 # ----------------------------------------------------------------------------------------------
 # Rewards, returns, advantages.
@@ -39,23 +44,11 @@ from rlhf_jax.ops import (kl_estimators, lm_loss_sums, masked_mean, masked_var,
 def last_token_index(response_mask: jax.Array) -> jax.Array:
     """Index of each response's last real token (its EOS, or its last token when cut).
 
-    The one reward-reading rule of the project, `rm.reward_index`, applied to the response mask,
+    The one reward-reading rule of the project, `rewards.reward_index`, applied to the response mask,
     so the per-token reward lands where the RM read its score (pitfall 1). Rows with an empty
     mask get index 0.
     """
     return rewards.reward_index(response_mask)
-
-
-def apply_eos_trick(scores: jax.Array, ended: jax.Array, no_eos_score: float | None) -> jax.Array:
-    """Replace the RM score of responses that never produced EOS by `no_eos_score`.
-
-    Ziegler et al. 2019 give -1 to continuations without a period; Huang et al. 2023 call this
-    the "EOS trick": fixed-length sampling can then still teach the policy to end its response.
-    `None` keeps the RM score (read at the last token) for truncated responses.
-    """
-    if no_eos_score is None:
-        return scores
-    return jnp.where(ended, scores, jnp.asarray(no_eos_score, scores.dtype))
 
 
 def compute_rewards(scores: jax.Array, logp: jax.Array, logp_ref: jax.Array,
@@ -70,11 +63,11 @@ def compute_rewards(scores: jax.Array, logp: jax.Array, logp_ref: jax.Array,
     """
     m = response_mask.astype(jnp.float32)
     kl = (logp - logp_ref) * m
-    rewards = -beta * kl if kl_in_reward else jnp.zeros_like(kl)
+    r = -beta * kl if kl_in_reward else jnp.zeros_like(kl)
     last = last_token_index(response_mask)
-    place = jax.nn.one_hot(last, response_mask.shape[-1], dtype=rewards.dtype)
-    rewards = rewards + place * scores[:, None].astype(rewards.dtype)
-    return rewards * m, kl
+    place = jax.nn.one_hot(last, response_mask.shape[-1], dtype=r.dtype)
+    r = r + place * scores[:, None].astype(r.dtype)
+    return r * m, kl
 
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
@@ -176,8 +169,6 @@ log = logging.getLogger(__name__)
 KL_MODES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 VALUE_FROM = ("rm", "policy_head")
-# Purpose tags folded into keys (DESIGN.md: derive every key with fold_in and a purpose tag).
-_SAMPLE_TAG, _SHUFFLE_TAG, _EVAL_TAG = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,31 +227,26 @@ def policy_pass(s: Settings, params: dict, tokens: jax.Array, mask: jax.Array,
     log-probs of the sampled tokens under logits / T, entropy of that distribution, values.
 
     Row t of the outputs is read at sequence position P - 1 + t, the position whose logits
-    predict response token t (and whose value estimates the return from token t on).
-    Log-probs use logits divided by the sampling temperature (Ziegler et al. 2019; Huang et
-    al. 2023), so they match the sampler's and the PPO ratio starts at 1 (up to float32
-    rounding). With the value head on the policy trunk, the value loss also trains the trunk.
+    predict response token t (and whose value estimates the return from token t on); only those
+    N positions go through the LM head (`ops.response_logprobs`). Log-probs use logits divided
+    by the sampling temperature (Ziegler et al. 2019; Huang et al. 2023), so they match the
+    sampler's and the PPO ratio starts at 1 (up to float32 rounding). With the value head on the
+    policy trunk, the value loss also trains the trunk.
     """
-    P = prompt_len
-    out = models.forward(s.policy, _with_value_head(s, params), tokens, positions, mask)
-    logits = out["logits"][:, P - 1:-1] / s.temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[:, P:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    out = response_logprobs(s.policy, _with_value_head(s, params), tokens, mask, positions,
+                            prompt_len, temperature=s.temperature, with_entropy=True)
     if s.value is None:
-        values = out["scores"][:, P - 1:-1]
+        values = out["scores"]
     else:
         values = models.forward(s.value, params["value"], tokens, positions, mask,
-                                want_logits=False)["scores"][:, P - 1:-1]
-    return logp, entropy, values
+                                want_logits=False)["scores"][:, prompt_len - 1:-1]
+    return out["logp"], out["entropy"], values
 
 
 def reference_logprobs(s: Settings, ref_params: dict, tokens, mask, positions, prompt_len: int):
     """log pi_ref of the response tokens, also under logits / T (Ziegler et al. 2019)."""
-    P = prompt_len
-    logits = models.forward(s.policy, ref_params, tokens, positions, mask)["logits"][:, P - 1:-1]
-    logp_all = jax.nn.log_softmax(logits / s.temperature, axis=-1)
-    return jnp.take_along_axis(logp_all, tokens[:, P:, None], axis=-1)[..., 0]
+    return response_logprobs(s.policy, ref_params, tokens, mask, positions, prompt_len,
+                             temperature=s.temperature)["logp"]
 
 
 def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
@@ -336,6 +322,11 @@ def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
 _rollout_jit = jax.jit(rollout, static_argnums=(0,))
 
 
+# Jitted with the settings static, so runs in one process with equal settings (a resumed run,
+# tests) share one compiled rollout.
+_rollout_jit = jax.jit(rollout, static_argnums=(0,))
+
+
 def ppo_loss(s: Settings, params: dict, mb: dict, ptx: dict | None, beta: jax.Array):
     """Loss of one minibatch: clipped policy loss + vf_coef * clipped value loss
     [- ent_coef * entropy] [+ beta * KL (kl_mode="loss")] [+ ptx_coef * LM loss (PPO-ptx)]."""
@@ -367,7 +358,8 @@ def ppo_loss(s: Settings, params: dict, mb: dict, ptx: dict | None, beta: jax.Ar
 
 def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, opt_state,
            batch: dict, ptx: dict | None, beta: jax.Array, shuffle_key: jax.Array,
-           update_index: jax.Array) -> tuple[dict, Any, dict]:
+           update_index: jax.Array, *,
+           batch_sharding: jax.sharding.NamedSharding | None = None) -> tuple[dict, Any, dict]:
     """`s.epochs` passes over one rollout batch, `s.minibatches` optimizer steps each, in one
     `lax.scan` (compiled once). Minibatches are a fresh permutation per (update, epoch).
 
@@ -375,6 +367,11 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
     j*k .. (j+1)*k. Returns (params, opt_state, metrics averaged over all minibatch steps, plus
     `ratio_first_max_dev`: max |ratio - 1| on the first minibatch of the first epoch, 0 up to
     float32 rounding (~1e-7) when rollout and update compute the same log-probs).
+
+    `batch_sharding` (the trainer's, `sharding.batch_sharding(mesh, rules)`) splits every
+    minibatch over the mesh's batch axes, so each device computes its rows and the gradient is
+    all-reduced. Without it, the random-index gather of a minibatch leaves it replicated and
+    every device computes the whole minibatch. The numbers do not depend on it.
     """
     B = batch["tokens"].shape[0]
     n_mb = s.minibatches
@@ -389,8 +386,9 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
     def minibatch_step(carry, xs):
         params, opt_state = carry
         idx, j = xs
-        mb = jax.tree.map(lambda x: x[idx], batch)
-        ptx_mb = None if ptx is None else jax.tree.map(lambda x: x[j], ptx)
+        mb = sharding.split_rows(jax.tree.map(lambda x: x[idx], batch), batch_sharding)
+        ptx_mb = None if ptx is None else sharding.split_rows(
+            jax.tree.map(lambda x: x[j], ptx), batch_sharding)
         (loss, stats), grads = grad_fn(params, mb, ptx_mb, beta)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -407,36 +405,20 @@ def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, o
     return params, opt_state, metrics
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# Loading: SFT policy (+ frozen reference), reward model, value model.
-
-
-def _model_config(meta: Mapping, field: str, path: str) -> models.ModelConfig:
-    if "model_config" not in meta:
-        raise ValueError(f"config.{field}={path!r}: the checkpoint metadata has no "
-                         "'model_config'; is this the work dir of an SFT / RM stage?")
-    # Dropout off in every stage (Huang et al. 2023): PPO's ratio and KL assume a deterministic
-    # policy, and the sampler never applies dropout.
-    return models.ModelConfig.from_dict(dict(meta["model_config"])).replace(dropout=0.0)
-
-
-def _check_tree(params: dict, cfg: models.ModelConfig, heads: tuple[str, ...], field: str,
-                path: str) -> None:
-    want = jax.tree.map(lambda x: tuple(x.shape), models.abstract_params(cfg, heads))
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if want != got:
-        raise ValueError(f"config.{field}={path!r}: params do not match the checkpoint's "
-                         f"model_config with heads {heads} (different tree or shapes)")
+# Value model initialisation (head remapping).
 
 
 def value_params_from_rm(rm_params: dict, gain: float, bias: float) -> dict:
     """A value network initialised from the RM (Ouyang et al. 2022; Huang et al. 2023), with the
-    RM's normalisation folded into its head so the initial values are on the reward's scale."""
-    out = jax.tree.map(np.asarray, dict(rm_params))
-    head = out["score_head"]
-    out["score_head"] = {"kernel": head["kernel"] * np.float32(gain),
-                         "bias": np.asarray(head["bias"] * gain + bias, head["bias"].dtype)}
-    return out
+    RM's normalisation folded into its head so the initial values are on the reward's scale.
+    Array ops, so params on a mesh stay there."""
+    head = rm_params["score_head"]
+    kernel = head["kernel"] * jnp.asarray(gain, head["kernel"].dtype)
+    bias_ = (head["bias"] * gain + bias).astype(head["bias"].dtype)
+    return {**rm_params, "score_head": {"kernel": kernel, "bias": bias_}}
 
 
 def zero_value_head(cfg: models.ModelConfig) -> dict:
@@ -446,98 +428,53 @@ def zero_value_head(cfg: models.ModelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: data iterators, decoding, gold judges, sample tables.
-
-
-class PPOBatches:
-    """Prompt batches (+ PPO-ptx LM rows) for `Trainer.fit`, resumable through get/set_state."""
-
-    def __init__(self, prompts, ptx=None):
-        self.prompts, self.ptx = prompts, ptx
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = dict(next(self.prompts))
-        if self.ptx is not None:
-            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
-        return batch
-
-    def get_state(self) -> dict:
-        return {"prompts": self.prompts.get_state(),
-                "ptx": None if self.ptx is None else self.ptx.get_state()}
-
-    def set_state(self, state: Mapping) -> None:
-        self.prompts.set_state(state["prompts"])
-        if self.ptx is not None and state.get("ptx") is not None:
-            self.ptx.set_state(state["ptx"])
-
-
-# ----------------------------------------------------------------------------------------------
 # The stage.
-
-
-def _positive(config, path: str, value, kind=(int, float), strict=True):
-    if isinstance(value, bool) or not isinstance(value, kind) or not (
-            value > 0 if strict else value >= 0):
-        raise ValueError(f"config.{path}={value!r} must be {'>' if strict else '>='} 0")
 
 
 def validate_config(config) -> None:
     """PPO fields, checked before anything loads or compiles (the Trainer checks the rest)."""
-    if config.value_from not in VALUE_FROM:
-        raise ValueError(f"config.value_from={config.value_from!r} must be one of {VALUE_FROM}")
-    for field in ("init_from", "reward_from"):
+    config_utils.check_choice(config, "value_from", VALUE_FROM)
+    for field, what in (("init_from", "SFT"), ("reward_from", "reward model")):
         if not config[field]:
-            raise ValueError(f"config.{field} is empty: give the work dir of the "
-                             f"{'SFT' if field == 'init_from' else 'reward model'} stage "
-                             f"(--config.{field}=<dir>)")
-    r, p, k, x, e = config.rollout, config.ppo, config.kl, config.ptx, config.eval
-    _positive(config, "rollout.max_new_tokens", r.max_new_tokens, int)
-    _positive(config, "rollout.temperature", r.temperature)
-    _positive(config, "ppo.epochs", p.epochs, int)
-    _positive(config, "ppo.minibatches", p.minibatches, int)
-    if config.train.batch_size % p.minibatches:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} (episodes per "
-                         f"update) is not divisible by config.ppo.minibatches={p.minibatches}")
+            raise UserError(f"config.{field}", "is empty",
+                            f"give the work dir of the {what} stage (--config.{field}=<dir>)")
+    check = functools.partial(config_utils.check_number, config)
+    check("rollout.max_new_tokens", int)
+    check("rollout.temperature")
+    check("ppo.epochs", int)
+    check("ppo.minibatches", int)
+    if config.train.batch_size % config.ppo.minibatches:
+        raise UserError("config.train.batch_size", f"{config.train.batch_size} episodes per "
+                        f"update do not split into config.ppo.minibatches="
+                        f"{config.ppo.minibatches}", "use a multiple of the minibatch count")
     if config.train.accum_steps != 1:
-        raise ValueError("config.train.accum_steps must be 1 for PPO: minibatching is "
-                         "config.ppo.minibatches")
+        raise UserError("config.train.accum_steps", f"{config.train.accum_steps} is not 1",
+                        "PPO minibatches with config.ppo.minibatches")
     for name in ("clip", "value_clip"):
-        _positive(config, f"ppo.{name}", p[name])
+        check(f"ppo.{name}")
     for name in ("vf_coef", "ent_coef"):
-        _positive(config, f"ppo.{name}", p[name], strict=False)
+        check(f"ppo.{name}", strict=False)
     for name in ("gamma", "lam"):
-        if not 0.0 <= p[name] <= 1.0:
-            raise ValueError(f"config.ppo.{name}={p[name]!r} must lie in [0, 1]")
-    if k.mode not in KL_MODES:
-        raise ValueError(f"config.kl.mode={k.mode!r} must be one of {KL_MODES}")
-    if k.loss_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"config.kl.loss_estimator={k.loss_estimator!r} must be one of "
-                         f"{KL_ESTIMATORS}")
-    _positive(config, "kl.beta", k.beta, strict=False)
+        check(f"ppo.{name}", strict=False, upper=1.0)
+    k = config.kl
+    config_utils.check_choice(config, "kl.mode", KL_MODES)
+    config_utils.check_choice(config, "kl.loss_estimator", KL_ESTIMATORS)
+    check("kl.beta", strict=False)
     if k.adaptive:
-        _positive(config, "kl.target", k.target)
-        _positive(config, "kl.horizon", k.horizon)
+        check("kl.target")
+        check("kl.horizon")
         if k.beta == 0:
-            raise ValueError("config.kl.beta=0 with config.kl.adaptive=True: the controller "
-                             "multiplies beta, so it would stay 0; start from beta > 0")
-    _positive(config, "ptx.coef", x.coef, strict=False)
-    if x.coef > 0:
-        _positive(config, "ptx.rows_per_minibatch", x.rows_per_minibatch, int)
-        _positive(config, "ptx.seq_len", x.seq_len, int)
-    _positive(config, "eval.num_prompts", e.num_prompts, int)
-    _positive(config, "eval.sample_rows", e.sample_rows, int, strict=False)
-    from rlhf_jax.sim.judges import available_judges
-
-    for name in e.gold_judges:
-        if name not in available_judges():
-            raise ValueError(f"config.eval.gold_judges: unknown judge {name!r}; registered: "
-                             f"{available_judges()}")
-    if e.gold and e.gold not in e.gold_judges:
-        raise ValueError(f"config.eval.gold={e.gold!r} must be one of config.eval.gold_judges="
-                         f"{tuple(e.gold_judges)} (or '' for none)")
+            raise UserError("config.kl.beta", "is 0 with config.kl.adaptive=True",
+                            "the controller multiplies beta, so start from beta > 0")
+    check("ptx.coef", strict=False)
+    if config.ptx.coef > 0:
+        check("ptx.rows_per_minibatch", int)
+        check("ptx.seq_len", int)
+    check("eval.num_prompts", int)
+    evaluation.get_judges(tuple(config.eval.judges))
+    if config.eval.gold and config.eval.gold not in config.eval.judges:
+        raise UserError("config.eval.gold", f"{config.eval.gold!r} is not one of "
+                        f"config.eval.judges={tuple(config.eval.judges)}", "or set '' for none")
 
 
 def settings_from_config(config, policy: models.ModelConfig, reward: models.ModelConfig,
@@ -560,260 +497,101 @@ def settings_from_config(config, policy: models.ModelConfig, reward: models.Mode
     )
 
 
-def _encode_prompts(tokenizer, texts: list[str], max_len: int, what: str):
-    from rlhf_jax.data.tokenize import encode_prompts
-
-    if not texts:
-        raise ValueError(f"{what}: no prompts (check config.data)")
-    arrays, stats = encode_prompts(tokenizer, texts, max_len)
-    if stats["truncated"]:
-        log.warning("%s: %d of %d prompts longer than config.data.max_prompt_len=%d kept their "
-                    "last tokens", what, stats["truncated"], len(texts), max_len)
-    return arrays, stats
-
-
-def load_prompt_texts(source) -> tuple[list[str], list[str]]:
-    """(train, eval) RL prompts of a data source: the simulated world's, the prompts of an SFT
-    JSONL (`rlhf_jax.data.builders`), or the distinct prompts of preference files (kind
-    "preference_files", read like the RM stage reads them)."""
-    from rlhf_jax.data import builders
-
-    src = source.to_dict() if hasattr(source, "to_dict") else dict(source)
-    if src.get("kind") == "preference_files":
-        from rlhf_jax import rm
-
-        records, _ = rm.load_preference_records(src)
-        return tuple(list(dict.fromkeys(r["prompt"] for r in records[split]))
-                     for split in ("train", "eval"))
-    return builders.load_prompts(src, "train")[0], builders.load_prompts(src, "eval")[0]
-
-
 def run(config) -> dict:
     """Train a policy with PPO against the RM in `config.reward_from`, starting from (and
     KL-regularised towards) the SFT policy in `config.init_from`. Returns the run summary."""
-    import ml_collections
-    from transformers import AutoTokenizer
-
-    from rlhf_jax import checkpoint, trainer as tr
-    from rlhf_jax.data import builders
-    from rlhf_jax.data.iterators import ArrayIterator
-    from rlhf_jax.data.tokenize import encode_lm, special_ids
-    from rlhf_jax.sim.judges import get_judge
-
     validate_config(config)
-    trainer = tr.Trainer(config, "ppo")
+    tr = trainer_lib.Trainer(config, "ppo")
+    m = onpolicy.load_models(config, tr)
+    s = settings_from_config(config, m.policy.cfg, m.reward.cfg, m.reward.reward_norm,
+                             m.eos_id, m.pad_id)
     B = int(config.train.batch_size)
 
-    # Policy and frozen reference: both the SFT params (InstructGPT; Ziegler et al. 2019). An
-    # SFT work dir, or "hf:<dir>" for a Hugging Face checkpoint (handoff.resolve_init).
-    _, sft_params, sft_meta = handoff.resolve_init(config.init_from)
-    policy_cfg = _model_config(sft_meta, "init_from", config.init_from)
-    sft_params = {k: v for k, v in sft_params.items() if k != "score_head"}
-    _check_tree(sft_params, policy_cfg, ("lm",), "init_from", config.init_from)
-    rm_params, rm_meta = checkpoint.load_stage_params(config.reward_from)
-    rm_cfg = _model_config(rm_meta, "reward_from", config.reward_from)
-    rm_params = {k: v for k, v in rm_params.items() if k != "lm_head"}
-    _check_tree(rm_params, rm_cfg, ("score",), "reward_from", config.reward_from)
-    if rm_cfg.vocab_size != policy_cfg.vocab_size:
-        raise ValueError(f"config.reward_from: the RM's vocab_size {rm_cfg.vocab_size} differs "
-                         f"from the policy's {policy_cfg.vocab_size}; both must share one "
-                         "tokenizer")
-    reward_norm = rm_meta.get("reward_norm")
-    if reward_norm is None:
-        log.warning("config.reward_from=%s has no reward_norm metadata: using raw RM scores",
-                    config.reward_from)
-    tokenizer_dir = sft_meta.get("tokenizer_dir")
-    if not tokenizer_dir:
-        raise ValueError(f"config.init_from={config.init_from!r}: metadata has no tokenizer_dir")
-    if rm_meta.get("tokenizer_dir") and str(rm_meta["tokenizer_dir"]) != str(tokenizer_dir):
-        log.warning("policy tokenizer %s and RM tokenizer %s are different directories",
-                    tokenizer_dir, rm_meta["tokenizer_dir"])
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    pad_id, eos_id = special_ids(tokenizer)
-    s = settings_from_config(config, policy_cfg, rm_cfg, reward_norm, eos_id, pad_id)
-
     # Value model: a separate network initialised from the RM, or a zero head on the policy.
+    policy_axes = models.param_axes(s.policy, ("lm",))
     if config.value_from == "rm":
-        value = value_params_from_rm(rm_params, s.reward_gain, s.reward_bias)
-        value_axes = models.param_axes(rm_cfg, ("score",))
+        value = value_params_from_rm(m.reward.params, s.reward_gain, s.reward_bias)
+        value_axes = models.param_axes(s.reward, ("score",))
     else:
-        value = {"score_head": zero_value_head(policy_cfg)}
-        value_axes = {"score_head": models.param_axes(policy_cfg, ("lm", "score"))["score_head"]}
-    policy_axes = models.param_axes(policy_cfg, ("lm",))
-    params = {"policy": sft_params, "value": value}
-    axes = {"policy": policy_axes, "value": value_axes}
-
+        value = {"score_head": zero_value_head(s.policy)}
+        value_axes = {"score_head": models.param_axes(s.policy, ("lm", "score"))["score_head"]}
     # The schedule counts optimizer steps (epochs x minibatches per update); warmup is given in
     # updates like every other `train` count.
     per_update = s.epochs * s.minibatches
     optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
     optim_cfg.warmup_steps = int(config.optim.warmup_steps) * per_update
-    optimizer = tr.make_optimizer(optim_cfg, int(config.train.steps) * per_update)
-    beta0 = jnp.asarray(config.kl.beta, jnp.float32)
-    state, _ = trainer.create_state(params, axes, optimizer, extra={"beta": beta0})
+    optimizer = optim.make_optimizer(optim_cfg, int(config.train.steps) * per_update)
+    state, _ = tr.create_state({"policy": m.policy.params, "value": value},
+                               {"policy": policy_axes, "value": value_axes}, optimizer,
+                               extra={"beta": jnp.asarray(config.kl.beta, jnp.float32)})
+    # Frozen trees: the SFT reference and the RM, placed once, jit arguments of every rollout.
+    frozen = {"ref": m.policy.params, "rm": m.reward.params}
 
-    def place(tree, tree_axes):  # frozen params, sharded like the trained ones
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
-        return jax.device_put(tree, trainer.param_shardings(tree_axes, shapes))
-
-    ref_params = place(sft_params, policy_axes)
-    rm_params = place(rm_params, models.param_axes(rm_cfg, ("score",)))
-
-    # Prompts (train / eval) and, for PPO-ptx, pretraining text.
-    train_texts, eval_texts = load_prompt_texts(config.data.source)
-    eval_texts = eval_texts[:config.eval.num_prompts]
-    train_arrays, _ = _encode_prompts(tokenizer, train_texts, config.data.max_prompt_len,
-                                      "train prompts")
-    train_arrays["prompt_index"] = np.arange(len(train_texts), dtype=np.int32)
-    eval_arrays, _ = _encode_prompts(tokenizer, eval_texts, config.data.max_prompt_len,
-                                     "eval prompts")
-    prompt_iter = ArrayIterator(train_arrays, B, seed=config.seed)
-    ptx_iter = None
-    if s.ptx_coef > 0:
-        texts, _ = builders.load_pretrain_texts(config.ptx.source.to_dict(), "train")
-        lm, _ = encode_lm(tokenizer, texts, config.ptx.seq_len, pack=True)
-        ptx_iter = ArrayIterator(lm, s.minibatches * config.ptx.rows_per_minibatch,
-                                 seed=config.seed + 1)
-    batches = PPOBatches(prompt_iter, ptx_iter)
-
-    judges = {name: get_judge(name) for name in config.eval.gold_judges}
-    primary = config.eval.gold or None
+    ptx_rows = s.minibatches * int(config.ptx.rows_per_minibatch) if s.ptx_coef > 0 else 0
+    batches, train_texts, eval_texts = onpolicy.prompt_data(config, m.tokenizer, B, ptx_rows)
+    judge = onpolicy.RolloutJudge(config.eval, m.tokenizer, train_texts)
+    policy_eval = evaluation.PolicyEval.from_config(config.eval, eval_texts, m.tokenizer,
+                                                    reward=m.reward, reference=m.policy, place=tr)
 
     # Jitted pieces, each compiled once (fixed shapes): rollout (sampler + passes + GAE) and the
     # whole PPO update. Params / optimizer state keep the trainer's shardings.
     rollout_jit = functools.partial(_rollout_jit, s)
-    update_jit = jax.jit(functools.partial(update, s, optimizer), donate_argnums=(0, 1),
-                         out_shardings=(trainer.state_shardings.params,
-                                        trainer.state_shardings.opt_state, trainer.replicated))
-    shuffle_key = jax.random.fold_in(jax.random.key(config.seed), _SHUFFLE_TAG)
+    update_jit = jax.jit(functools.partial(update, s, optimizer,
+                                           batch_sharding=tr.batch_sharding),
+                         donate_argnums=(0, 1),
+                         out_shardings=(tr.state_shardings.params,
+                                        tr.state_shardings.opt_state, tr.replicated))
+    shuffle_key = tr.key(Purpose.SHUFFLE)
     k = config.kl
 
-    def gold_scores(prompts, responses) -> dict[str, np.ndarray]:
-        # Evaluation only: gold judges never enter the reward.
-        return {name: np.asarray(j.score(prompts, responses), np.float32)
-                for name, j in judges.items()}
-
-    def step_fn(state, batch, rng):
+    def step_fn(state, frozen, batch, key):
         t0 = time.perf_counter()
         beta = state.extra["beta"]
-        data, rows, metrics = rollout_jit(state.params, ref_params, rm_params,
+        data, rows, metrics = rollout_jit(state.params, frozen["ref"], frozen["rm"],
                                           batch["prompt_tokens"], batch["prompt_mask"],
-                                          jax.random.fold_in(rng, _SAMPLE_TAG), beta)
+                                          step_key(key, StepUse.SAMPLE), beta)
         ptx = {kk[4:]: v for kk, v in batch.items() if kk.startswith("ptx_")} or None
         params, opt_state, upd = update_jit(state.params, state.opt_state, data, ptx, beta,
                                             shuffle_key, state.step)
         # While the update runs: decode and judge the rollout on the host.
-        host = jax.device_get(rows)
-        idx = np.asarray(jax.device_get(batch["prompt_index"]))
-        prompts = [train_texts[i] for i in idx]
-        responses = evaluation.decode_responses(tokenizer, host["response_tokens"],
-                                                host["response_mask"])
-        gold = {f"gold/{n}": float(v.mean()) for n, v in gold_scores(prompts, responses).items()}
-        if primary:
-            gold["gold"] = gold[f"gold/{primary}"]
-        if k.adaptive:
-            # Ziegler et al. 2019: n_steps = episodes in this batch.
-            new_beta = adaptive_beta(beta, metrics["kl"], B, k.target, k.horizon)
-        else:
-            new_beta = beta
+        gold = judge(batch["prompt_index"], rows["response_tokens"], rows["response_mask"])
+        # Ziegler et al. 2019's controller: n_steps = episodes in this batch.
+        new_beta = adaptive_beta(beta, metrics["kl"], B, k.target, k.horizon) if k.adaptive \
+            else beta
         out = {**metrics, **upd, **gold, "beta": beta}
         jax.block_until_ready(upd)
         out["time/update_s"] = time.perf_counter() - t0
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              extra={"beta": new_beta}), out
 
-    # Evaluation on fixed prompts with a fixed sampling key, at the training temperature (the
-    # distribution PPO optimises), in chunks of the rollout batch shape (no recompiles).
-    eval_key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
-    n_eval = len(eval_texts)
-
-    def evaluate_policy(policy_params, value_params) -> tuple[dict, dict]:
-        rows_all = []
-        for c, start in enumerate(range(0, n_eval, B)):
-            sl = {kk: v[start:start + B] for kk, v in eval_arrays.items()}
-            n = sl["prompt_tokens"].shape[0]
-            if n < B:  # pad the last chunk with copies of its first row
-                sl = {kk: np.concatenate([v, np.repeat(v[:1], B - n, 0)]) for kk, v in sl.items()}
-            g = trainer.to_global(sl)
-            with jax.set_mesh(trainer.mesh):
-                _, rows, _ = rollout_jit({"policy": policy_params, "value": value_params},
-                                         ref_params, rm_params, g["prompt_tokens"],
-                                         g["prompt_mask"], jax.random.fold_in(eval_key, c),
-                                         jnp.asarray(config.kl.beta, jnp.float32))
-            rows_all.append(jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(rows)))
-        rows = {kk: np.concatenate([r[kk] for r in rows_all]) for kk in rows_all[0]}
-        responses = evaluation.decode_responses(tokenizer, rows["response_tokens"],
-                                                rows["response_mask"])
-        golds = gold_scores(eval_texts, responses)
-        per_row = {"prompt": eval_texts, "response": responses, "rm_score": rows["rm_score"],
-                   "kl": rows["kl"], **{f"gold/{n}": v for n, v in golds.items()}}
-        metrics = {"rm_score": float(rows["rm_score"].mean()), "score": float(rows["score"].mean()),
-                   "kl": float(rows["kl"].mean()),
-                   "response_length": float(rows["lengths"].mean()),
-                   "eos_rate": float(rows["ended"].mean()),
-                   **{f"gold/{n}": float(v.mean()) for n, v in golds.items()}}
-        if primary:
-            metrics["gold"] = metrics[f"gold/{primary}"]
-        return metrics, per_row
-
-    def table(step, per_row, metrics):
-        n = min(config.eval.sample_rows, n_eval)
-        if not (trainer.is_main and n):
-            return
-        cols = {"rm": per_row["rm_score"]}
-        if primary:
-            cols[f"gold ({primary})"] = per_row[f"gold/{primary}"]
-        text = evaluation.sample_table(per_row["prompt"], per_row["response"], n=n, **cols)
-        head = ", ".join(f"{kk} {metrics[kk]:.3f}" for kk in ("gold", "rm_score", "kl")
-                         if kk in metrics)
-        with open(trainer.workdir / "samples.md", "a") as f:
-            f.write(f"\n## step {step} ({head})\n\n{text}\n")
+    def evaluate(policy_params, step):
+        # Fixed prompts and sampling key, at the rollout temperature (what PPO optimises).
+        metrics, rows = policy_eval(s.policy, policy_params, tr.key(Purpose.POLICY_EVAL))
+        policy_eval.write_table(tr.workdir, step, rows, metrics)
+        return metrics, rows
 
     # The SFT policy's numbers on the eval prompts (step 0 of the curves; the win-rate baseline).
-    sft_metrics, sft_rows = evaluate_policy(ref_params, state.params["value"])
+    sft = evaluate(m.policy.params, 0)
     if int(jax.device_get(state.step)) == 0:
-        trainer.writer.write(0, {f"eval/{kk}": v for kk, v in sft_metrics.items()})
-        table(0, sft_rows, sft_metrics)
-    last = {}
+        tr.writer.write(0, {f"eval/{kk}": v for kk, v in sft[0].items()})
+    last: list = []
 
     def eval_fn(st):
-        metrics, per_row = evaluate_policy(st.params["policy"], st.params["value"])
-        step = int(jax.device_get(st.step))
-        table(step, per_row, metrics)
-        last.update(metrics=metrics, rows=per_row)
-        return metrics
+        last[:] = [evaluate(st.params["policy"], int(jax.device_get(st.step)))]
+        return last[0][0]
 
-    trainer.metadata.update({
-        "model_config": policy_cfg.to_dict(), "tokenizer_dir": str(tokenizer_dir),
-        "init_from": str(config.init_from), "reward_from": str(config.reward_from),
-    })
-    finite = ("loss", "kl", "rm_score", "grad_norm", "beta")
-    state = trainer.fit(state, step_fn, batches, eval_fn=eval_fn, jit=False,
-                        final_params=lambda st: st.params["policy"], finite_metrics=finite)
-
-    summary = {"sft": sft_metrics, "ppo": last.get("metrics", {}),
-               "beta": float(jax.device_get(state.extra["beta"])), "gold_judge": primary,
-               "episodes": int(jax.device_get(state.step)) * B}
-    if primary and last:
-        a = last["rows"][f"gold/{primary}"]
-        b = sft_rows[f"gold/{primary}"]
-        # Pairwise on the same prompts, ties count one half.
-        summary["win_rate_vs_sft"] = float(np.mean((a > b) + 0.5 * (a == b)))
-    trainer.write_summary(summary)
-    trainer.close()
-    return dict(trainer.summary)
-
-
-def main(config) -> dict:
-    from rlhf_jax.metrics import to_python
-
-    summary = run(config)
-    keys = ("sft", "ppo", "win_rate_vs_sft", "beta")
-    print(json.dumps(to_python({k: summary[k] for k in keys if k in summary}), indent=2))
-    return summary
+    tr.metadata.update(model_config=s.policy.to_dict(), tokenizer_dir=m.tokenizer_dir,
+                       init_from=str(config.init_from), reward_from=str(config.reward_from))
+    state = tr.fit(state, step_fn, batches, eval_fn=eval_fn, jit=False, frozen=frozen,
+                   final_params=lambda st: st.params["policy"],
+                   finite_metrics=("loss", "kl", "rm_score", "grad_norm", "beta"))
+    summary = onpolicy.summarize(policy_eval, sft, last[0] if last else None, "ppo")
+    summary.update(beta=float(jax.device_get(state.extra["beta"])),
+                   episodes=int(jax.device_get(state.step)) * B)
+    tr.write_summary(summary)
+    tr.close()
+    return dict(tr.summary)
 
 
 if __name__ == "__main__":
-    from rlhf_jax import config_utils
-
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("sft", "ppo", "win_rate_vs_sft", "beta"))

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import models, sampling
+from rlhf_jax import models, ops, sampling
+from rlhf_jax.errors import UserError
 
 NORM_METHODS = ("reference", "demonstrations", "none")
 
@@ -75,6 +76,18 @@ def score_sequences(cfg: models.ModelConfig, params: dict, tokens: jax.Array, ma
     return apply_norm(raw, norm).reshape(lead)
 
 
+def apply_eos_trick(scores: jax.Array, ended: jax.Array, no_eos_score: float | None) -> jax.Array:
+    """Replace the RM score of responses that never produced EOS by `no_eos_score`.
+
+    Ziegler et al. 2019 give -1 to continuations without a period; Huang et al. 2023 call this
+    the "EOS trick": fixed-length sampling can then still teach the policy to end its response.
+    `None` keeps the RM score (read at the last token) for truncated responses.
+    """
+    if no_eos_score is None:
+        return scores
+    return jnp.where(ended, scores, jnp.asarray(no_eos_score, scores.dtype))
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _score_jit(cfg, params, tokens, mask, norm):
     return score_sequences(cfg, params, tokens, mask, norm)
@@ -87,23 +100,24 @@ def _norm_arrays(norm: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
 
 
 def score_batches(cfg: models.ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray,
-                  norm: Mapping[str, Any] | None = None, batch_size: int = 256) -> np.ndarray:
-    """`score_sequences` over many rows in fixed-size jitted chunks (last chunk padded)."""
+                  norm: Mapping[str, Any] | None = None, batch_size: int = 256,
+                  place=None) -> np.ndarray:
+    """`score_sequences` over many rows [..., T] in fixed-size jitted chunks (last chunk padded).
+
+    `place` (a Trainer) splits each chunk over the mesh's batch axes and gathers the scores on
+    every process; without it the chunks run on the default device.
+    """
     tokens, mask = np.asarray(tokens), np.asarray(mask)
     lead = tokens.shape[:-1]
-    tokens = tokens.reshape(-1, tokens.shape[-1])
-    mask = mask.reshape(-1, mask.shape[-1])
-    n = tokens.shape[0]
     norm_arr = _norm_arrays(norm)
-    out = np.zeros((n,), np.float32)
-    for s in range(0, n, batch_size):
-        t, m = tokens[s:s + batch_size], mask[s:s + batch_size]
-        k = t.shape[0]
-        if k < batch_size and n > batch_size:  # one compiled shape
-            t = np.concatenate([t, np.repeat(t[-1:], batch_size - k, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], batch_size - k, 0)])
-        out[s:s + k] = np.asarray(_score_jit(cfg, params, t, m, norm_arr))[:k]
-    return out.reshape(lead)
+
+    def one(chunk, start):
+        if place is not None:
+            chunk = place.shard_rows(chunk)
+        return _score_jit(cfg, params, chunk["tokens"], chunk["mask"], norm_arr)
+
+    flat = {"tokens": tokens.reshape(-1, tokens.shape[-1]), "mask": mask.reshape(-1, mask.shape[-1])}
+    return ops.batched(one, flat, batch_size, ops.row_multiple(place)).astype(np.float32).reshape(lead)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +134,8 @@ def fit_norm(raw: np.ndarray, method: str, target_mean: float = 0.0,
     """
     raw = np.asarray(raw, np.float64).ravel()
     if method not in NORM_METHODS:
-        raise ValueError(f"norm.method={method!r} is not one of {NORM_METHODS}")
+        raise UserError("config.norm.method", f"{method!r} is not a normalisation",
+                        f"use one of {NORM_METHODS}")
     if method == "none":
         return {"gain": 1.0, "bias": 0.0, "method": "none"}
     if raw.size < 2 or not np.all(np.isfinite(raw)):
@@ -143,33 +158,30 @@ def reference_rewards(policy_cfg: models.ModelConfig, policy_params: dict,
                       rm_cfg: models.ModelConfig, rm_params: dict, prompt_tokens: np.ndarray,
                       prompt_mask: np.ndarray, rng: jax.Array, *, max_new_tokens: int,
                       eos_id: int, pad_id: int, temperature: float = 1.0, batch_size: int = 256,
-                      norm: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+                      norm: Mapping[str, Any] | None = None,
+                      place=None) -> tuple[np.ndarray, dict[str, float]]:
     """Raw (or `norm`-ed) rewards of fresh samples of the reference policy, one per prompt row.
 
-    prompt_tokens / prompt_mask: [N, P] left-padded. Sampling is in chunks of `batch_size` with
-    keys `fold_in(rng, chunk)`; the last chunk is padded by repeating rows (one compiled shape)
-    and the extra rows are dropped. Returns (rewards [N], {"ended_frac", "mean_length"}).
+    prompt_tokens / prompt_mask: [N, P] left-padded. Sampling is in chunks of `batch_size`, the
+    chunk starting at row s with key `fold_in(rng, s)`; the last chunk is padded by repeating
+    rows (one compiled shape) and the extra rows are dropped. Returns (rewards [N],
+    {"ended_frac", "mean_length"}).
     """
-    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
-    n = prompt_tokens.shape[0]
-    bs = min(batch_size, n)
-    rewards, ended, lengths = [], [], []
     norm_arr = _norm_arrays(norm)
-    for c, s in enumerate(range(0, n, bs)):
-        t, m = prompt_tokens[s:s + bs], prompt_mask[s:s + bs]
-        k = t.shape[0]
-        if k < bs:
-            t = np.concatenate([t, np.repeat(t[-1:], bs - k, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], bs - k, 0)])
-        out = sampling.generate(policy_cfg, policy_params, t, m, jax.random.fold_in(rng, c),
+
+    def one(chunk, start):
+        if place is not None:
+            chunk = place.shard_rows(chunk)
+        out = sampling.generate(policy_cfg, policy_params, chunk["prompt_tokens"],
+                                chunk["prompt_mask"], jax.random.fold_in(rng, start),
                                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                                temperature=temperature)
+                                temperature=temperature,
+                                mesh=None if place is None else place.mesh,
+                                rules=None if place is None else place.rules)
         r = _score_jit(rm_cfg, rm_params, out.sequence_tokens, out.sequence_mask, norm_arr)
-        rewards.append(np.asarray(r)[:k])
-        ended.append(np.asarray(out.ended)[:k])
-        lengths.append(np.asarray(out.lengths)[:k])
-    ended_a, len_a = np.concatenate(ended), np.concatenate(lengths)
-    return np.concatenate(rewards), {"ended_frac": float(ended_a.mean()),
-                                     "mean_length": float(len_a.mean())}
+        return {"reward": r, "ended": out.ended, "length": out.lengths}
 
-
+    res = ops.batched(one, {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask},
+                      batch_size, ops.row_multiple(place))
+    return res["reward"], {"ended_frac": float(res["ended"].mean()),
+                           "mean_length": float(res["length"].mean())}

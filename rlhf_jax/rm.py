@@ -3,10 +3,8 @@
     python -m rlhf_jax.rm --config=configs/rm_sim.py
 
 The model is the SFT checkpoint's trunk with a fresh scalar head (N(0, 1/sqrt(d+1)), zero bias;
-Ziegler et al. 2019, Huang et al. 2023). The reward of a text is the head's output at the text's
-last real token — the EOS when the response ended, the last response token when it was cut —
-read by the one function `reward_index` and applied by `score_sequences`, which every stage that
-scores text (PPO, best-of-N, evaluation) imports.
+Ziegler et al. 2019, Huang et al. 2023). The reward of a text is read at its last real token
+(`rlhf_jax.rewards`, shared by every stage that scores text).
 
 Losses (config `loss.kind`), over a batch of prompts each with K ranked responses:
 
@@ -16,28 +14,30 @@ Losses (config `loss.kind`), over a batch of prompts each with K ranked response
 * `pairwise`: the same pairs, each pair weighted as one example (plain Bradley-Terry on pairs).
 * `best_of_k` (Ziegler et al. 2019): `-log softmax(r)[best]` over the present responses.
 
-Normalisation (config `norm.method`), stored in the final checkpoint's metadata as
-`reward_norm = {"gain", "bias", "method"}` and applied by `score_sequences`:
-
-* `reference`: gain and bias so rewards of samples from the frozen reference (SFT) policy have
-  mean 0 and std 1 (Ziegler et al. 2019); the samples come from the sampler, never from the
-  training data (DESIGN.md pitfall 8).
-* `demonstrations`: a bias so demonstrations average 0, gain 1 (Stiennon et al. 2020).
-* `none`.
+After training the stage fits the reward normalisation (`rewards.fit_norm`: `reference` —
+Ziegler's mean 0 / std 1 on the SFT policy's own samples, recording the temperature and length
+they were drawn at — `demonstrations` or `none`) and writes it into the final checkpoint's
+metadata as `reward_norm`, which `rewards.score_sequences` applies for every later stage.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import models, sharding
-from rlhf_jax.rewards import (NORM_METHODS, fit_norm, reference_rewards, score_batches,
-                              score_sequences)
+from rlhf_jax import config_utils, evaluation, handoff, models, optim, rewards
+from rlhf_jax import trainer as trainer_lib
+from rlhf_jax.data import preferences, sources, tokenize
+from rlhf_jax.data.iterators import ArrayIterator
+from rlhf_jax.errors import UserError
+from rlhf_jax.rng import Purpose
+
+log = logging.getLogger(__name__)
 
 LOSS_KINDS = ("kwise", "pairwise", "best_of_k")
 
@@ -114,484 +114,196 @@ def rm_loss(scores: jax.Array, rank: jax.Array, *, kind: str = "kwise", margin: 
     return loss_sum, metrics
 
 
+def init_score_head(cfg: models.ModelConfig, key: jax.Array) -> dict:
+    """A fresh scalar head: N(0, 1/sqrt(d+1)) kernel, zero bias (Huang et al. 2023)."""
+    # Only the head survives dead-code elimination of the jitted full init.
+    return jax.jit(lambda k: models.init_params(cfg, k, ("score",))["score_head"])(key)
+
+
 # ----------------------------------------------------------------------------------------------
-# Evaluation (numpy, on rewards already computed).
+# The stage's pieces.
 
 
-def ranked_pairs(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, winner, loser) index arrays of every ordered pair in rankings [N, K] (-1 absent)."""
-    p = np.asarray(preference_pairs(jnp.asarray(ranks)))
-    row, win, lose = np.nonzero(p)
-    return row, win, lose
+def validate_config(config) -> None:
+    """RM fields, checked before anything loads or compiles (the Trainer checks the rest)."""
+    if not config.init_from:
+        raise UserError("config.init_from", "is empty", "the reward model starts from a "
+                        "finished SFT stage's work dir (or zoo:<preset> / hf:<dir>)")
+    config_utils.check_choice(config, "loss.kind", LOSS_KINDS)
+    if config.loss.margin and config.loss.kind == "best_of_k":
+        raise UserError("config.loss.margin", "applies to the pairwise / kwise losses",
+                        "set it to 0 for best_of_k")
+    config_utils.check_choice(config, "norm.method", rewards.NORM_METHODS)
+    config_utils.check_choice(config, "data.candidates", preferences.CANDIDATES)
+    kind = config.data.source.kind
+    if kind not in ("sim", "preference_files"):
+        raise UserError("config.data.source.kind", f"{kind!r} has no comparisons",
+                        "use 'sim' or 'preference_files'")
+    if kind != "sim" and config.data.candidates != "dataset":
+        raise UserError("config.data.candidates", f"{config.data.candidates!r} needs the "
+                        "simulated world's annotators", "use 'dataset' with preference files")
+    if config.train.epochs < 0:
+        raise UserError("config.train.epochs", f"{config.train.epochs} must be >= 0",
+                        "0 uses config.train.steps")
 
 
-def _acc(diff: np.ndarray) -> float:
-    diff = np.asarray(diff, np.float64)
-    return float(np.mean((diff > 0) + 0.5 * (diff == 0))) if diff.size else float("nan")
+def fit_reward_norm(nc, source, policy, rm_cfg, rm_params, tokenizer, max_len, key,
+                    place) -> dict:
+    """`reward_norm` of the trained RM (see the module docstring), with what it was fit on."""
+    if nc.method == "none":
+        return rewards.fit_norm(np.zeros(2), "none")
+    pad_id, eos_id = tokenize.special_ids(tokenizer)
+    if nc.method == "reference":
+        prompts = source.prompts("train")
+        prompts = (prompts * -(-nc.num_samples // max(len(prompts), 1)))[:nc.num_samples]
+        enc, _ = preferences.encode_prompts(tokenizer, prompts, nc.max_prompt_len,
+                                            "config.norm reference prompts")
+        raw, info = rewards.reference_rewards(
+            policy.cfg, policy.params, rm_cfg, rm_params, enc["prompt_tokens"],
+            enc["prompt_mask"], key, max_new_tokens=nc.max_new_tokens, eos_id=eos_id,
+            pad_id=pad_id, temperature=nc.temperature, batch_size=nc.batch_size, place=place)
+        norm = rewards.fit_norm(raw, "reference", nc.target_mean, nc.target_std)
+        # What the samples were drawn at: a policy stage warns when it samples elsewhere.
+        return {**norm, "temperature": float(nc.temperature),
+                "max_new_tokens": int(nc.max_new_tokens), "samples": info}
+    # demonstrations (Stiennon et al. 2020); preference files give their preferred responses.
+    prompts, completions, _ = source.demonstrations("train")
+    enc, _ = tokenize.encode_sft(tokenizer, prompts[:nc.num_samples],
+                                 completions[:nc.num_samples], max_len)
+    raw = rewards.score_batches(rm_cfg, rm_params, enc["tokens"], enc["mask"],
+                                batch_size=nc.batch_size, place=place)
+    return rewards.fit_norm(raw, "demonstrations", nc.target_mean, nc.target_std)
 
 
-def preference_metrics(ranks: np.ndarray, rewards: np.ndarray, *, raw: np.ndarray | None = None,
-                       gold: np.ndarray | None = None, annotators: list[str] | None = None,
-                       buckets: list[str] | None = None, annotator_names: dict | None = None,
-                       gap_edges: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)) -> dict:
-    """Accuracy of `rewards` [N, K] against the labelled rankings, and its breakdowns.
+def judge_agreement(config, source, policy, rm, tokenizer, key, place) -> dict:
+    """How often the RM orders fresh pairs as each gold judge does (simulated world only):
+    the world's held-out candidates, and pairs of fresh SFT samples (what PPO's first rollouts
+    look like to the RM). Also the normalised rewards of those fresh reference samples."""
+    ev, nc = config.eval, config.norm
+    if not source.has_world or not ev.judges:
+        return {}
+    judges = evaluation.get_judges(tuple(ev.judges))
+    out: dict[str, Any] = {}
 
-    Every ordered pair of every ranking counts once; a reward tie counts one half. With `gold`
-    [N, K], `gold_ceiling_accuracy` is the noiseless gold's accuracy on the same labels: the best
-    the annotators' noise allows. Calibration bins pairs by |reward gap| (edges `gap_edges`, last
-    bin open) and compares the accuracy with the Bradley-Terry probability the model gives its
-    own pick, sigmoid(|raw gap|) (`raw`: unnormalised rewards; default `rewards`).
-    """
-    rewards = np.asarray(rewards, np.float64)
-    raw = rewards if raw is None else np.asarray(raw, np.float64)
-    row, w, l = ranked_pairs(ranks)
-    diff = rewards[row, w] - rewards[row, l]
-    out: dict[str, Any] = {"pairs": int(diff.size), "accuracy": _acc(diff)}
-    gdiff = None
-    if gold is not None:
-        gold = np.asarray(gold, np.float64)
-        gdiff = gold[row, w] - gold[row, l]
-        out["gold_ceiling_accuracy"] = _acc(gdiff)
+    def agreement(prompts, responses, scores):
+        gold = evaluation.gold_scores(judges, prompts, responses)
+        return {n: evaluation.judge_agreement(scores[0::2] - scores[1::2], g[0::2] - g[1::2])
+                for n, g in gold.items()}
 
-    def breakdown(labels, names=None):
-        groups = {}
-        lab = np.asarray([str(labels[r]) for r in row])
-        for g in sorted(set(lab.tolist()), key=lambda x: (len(x), x)):
-            sel = lab == g
-            name = names.get(g, g) if names else g
-            d = {"pairs": int(sel.sum()), "accuracy": _acc(diff[sel])}
-            if gdiff is not None:
-                d["gold_ceiling_accuracy"] = _acc(gdiff[sel])
-            groups[name] = d
-        return groups
-
-    if annotators is not None and any(a != "" for a in annotators):
-        out["per_annotator"] = breakdown(annotators, annotator_names)
-    if buckets is not None and any(b != "" for b in buckets):
-        out["per_bucket"] = breakdown(buckets)
-    gap = np.abs(diff)
-    conf = sigmoid_np(np.abs(raw[row, w] - raw[row, l]))
-    edges = list(gap_edges) + [np.inf]
-    cal = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (gap >= lo) & (gap < hi)
-        if sel.any():
-            cal.append({"gap_lo": float(lo), "gap_hi": float(hi), "pairs": int(sel.sum()),
-                        "accuracy": _acc(diff[sel]), "predicted": float(conf[sel].mean())})
-    out["calibration"] = cal
+    if ev.fresh_world_pairs > 0:
+        pairs = source.fresh_pairs(ev.fresh_world_pairs)
+        recs = [{"prompt": p, "responses": rs, "ranks": [0, 1]} for p, rs in pairs]
+        arr, _ = preferences.encode_records(tokenizer, recs, config.data.max_len)
+        r = rewards.score_batches(rm.cfg, rm.params, arr["tokens"], arr["mask"], rm.reward_norm,
+                                  ev.batch_size, place=place).reshape(-1)
+        out["world_pairs"] = agreement([p for p, rs in pairs for _ in rs],
+                                       [x for _, rs in pairs for x in rs], r)
+    if ev.fresh_policy_pairs > 0:
+        rep = [p for p in source.prompts("eval")[:ev.fresh_policy_pairs] for _ in range(2)]
+        s = evaluation.sample_texts(policy.cfg, policy.params, tokenizer, rep, key,
+                                    max_prompt_len=nc.max_prompt_len,
+                                    max_new_tokens=nc.max_new_tokens, temperature=nc.temperature,
+                                    batch_size=nc.batch_size, place=place)
+        r = rewards.score_batches(
+            rm.cfg, rm.params, np.concatenate([s["prompt_tokens"], s["tokens"]], axis=1),
+            np.concatenate([s["prompt_mask"], s["mask"]], axis=1), rm.reward_norm,
+            ev.batch_size, place=place)
+        out["policy_pairs"] = agreement(rep, s["responses"], r)
+        # Fresh reference samples after normalisation (Ziegler: mean 0, std 1 by construction).
+        out["fresh_reference_rewards"] = {"mean": float(r.mean()), "std": float(r.std()),
+                                          "n": int(r.size)}
     return out
-
-
-def judge_agreement(reward_diff: np.ndarray, gold_diff: np.ndarray) -> dict[str, float]:
-    """How often the RM orders a pair as a gold judge does (gold ties left out)."""
-    reward_diff, gold_diff = np.asarray(reward_diff), np.asarray(gold_diff)
-    keep = gold_diff != 0
-    return {"agreement": _acc(reward_diff[keep] * np.sign(gold_diff[keep])),
-            "pairs": int(keep.sum())}
-
-
-def sigmoid_np(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
 # ----------------------------------------------------------------------------------------------
 # The stage.
 
-PREFERENCE_FILE_KINDS = ("preference_files",)
-CANDIDATE_SOURCES = ("dataset", "policy", "mixed")
-
-
-def _validate(config) -> None:
-    if not config.init_from:
-        raise ValueError("config.init_from is empty: the reward model starts from a finished SFT "
-                         "stage's work dir (or 'zoo:<preset>' / 'hf:<dir>')")
-    if config.loss.kind not in LOSS_KINDS:
-        raise ValueError(f"config.loss.kind={config.loss.kind!r} must be one of {LOSS_KINDS}")
-    if config.loss.margin and config.loss.kind == "best_of_k":
-        raise ValueError("config.loss.margin applies to the pairwise / kwise losses, not best_of_k")
-    if config.norm.method not in NORM_METHODS:
-        raise ValueError(f"config.norm.method={config.norm.method!r} must be one of {NORM_METHODS}")
-    if config.data.candidates not in CANDIDATE_SOURCES:
-        raise ValueError(f"config.data.candidates={config.data.candidates!r} must be one of "
-                         f"{CANDIDATE_SOURCES}")
-    kind = config.data.source.kind
-    if kind not in ("sim",) + PREFERENCE_FILE_KINDS:
-        raise ValueError(f"config.data.source.kind={kind!r} must be 'sim' or 'preference_files'")
-    if kind != "sim" and config.data.candidates != "dataset":
-        raise ValueError("config.data.candidates='policy'/'mixed' needs the simulated world's "
-                         "annotators (data.source.kind='sim')")
-    if config.train.epochs < 0:
-        raise ValueError(f"config.train.epochs={config.train.epochs} must be >= 0 (0: use "
-                         "config.train.steps)")
-
-
-def _tokenizer(config, meta):
-    from transformers import AutoTokenizer
-
-    if config.tokenizer:
-        return AutoTokenizer.from_pretrained(config.tokenizer), str(config.tokenizer)
-    if meta.get("tokenizer_dir"):
-        return AutoTokenizer.from_pretrained(meta["tokenizer_dir"]), str(meta["tokenizer_dir"])
-    if config.data.source.kind != "sim":
-        raise ValueError("config.tokenizer is empty and init_from gives none: set "
-                         "--config.tokenizer=<a Hugging Face tokenizer directory>")
-    from rlhf_jax.sim.tokenizer import world_tokenizer
-
-    tok, path = world_tokenizer(int(config.data.source.seed))
-    return tok, str(path)
-
-
-def _files(value) -> list[str]:
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]
-
-
-def load_preference_records(source) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """Records and stats of both splits of a data source (simulated or preference files)."""
-    from rlhf_jax.data import builders
-    from rlhf_jax.data import preference_formats as pf
-    from rlhf_jax.paths import cache_dir
-
-    src = source.to_dict() if hasattr(source, "to_dict") else dict(source)
-    if src["kind"] == "sim":
-        out, stats = {}, {}
-        for split in ("train", "eval"):
-            out[split], stats[split] = builders.load_comparisons(src, split)
-        return out, stats
-    allowed = {"kind", "format", "train", "eval", "train_split", "eval_split", "skip_bad_rows",
-               "data_dir"}
-    unknown = sorted(set(src) - allowed)
-    if unknown:
-        raise ValueError(f"config.data.source: unknown field(s) {unknown} for kind "
-                         f"'preference_files'; allowed: {sorted(allowed)}")
-    if src.get("format") not in pf.FORMATS:
-        raise ValueError(f"config.data.source.format={src.get('format')!r} must be one of "
-                         f"{sorted(pf.FORMATS)}")
-    splits = {}
-    for split in ("train", "eval"):
-        files = _files(src.get(split))
-        if not files:
-            raise ValueError(f"config.data.source.{split} names no file")
-        for f in files:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"config.data.source.{split}: no such file {f!r}")
-        splits[split] = {"format": src["format"], "files": files,
-                         "skip_bad_rows": bool(src.get("skip_bad_rows", False))}
-        if src.get(f"{split}_split"):
-            splits[split]["split"] = src[f"{split}_split"]
-    data_dir = src.get("data_dir") or str(cache_dir() / "tfds")
-    return pf.build_preference_dataset(splits, data_dir)
-
-
-def policy_comparisons(policy_cfg, policy_params, tokenizer, prompts, rng, *, k, judge_name,
-                       target_agreement, flip_prob, pool_name, seed, max_prompt_len,
-                       max_new_tokens, temperature, batch_size):
-    """K samples of the policy per prompt, ranked by the simulated annotator pool.
-
-    What InstructGPT's labelers ranked: outputs of the policy being improved. The pool's tau is
-    calibrated on these samples' own gold gaps, so agreement with gold is `target_agreement` as
-    for the world's candidates.
-    """
-    from rlhf_jax import evaluation
-    from rlhf_jax.sim import annotators
-    from rlhf_jax.sim.judges import get_judge
-
-    rep = [p for p in prompts for _ in range(k)]
-    s = evaluation.sample_texts(policy_cfg, policy_params, tokenizer, rep, rng,
-                                max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-                                temperature=temperature, batch_size=batch_size)
-    responses = [s["responses"][i * k:(i + 1) * k] for i in range(len(prompts))]
-    gold = get_judge(judge_name).score(rep, s["responses"]).reshape(len(prompts), k)
-    gold_gaps = np.abs(gold[:, :, None] - gold[:, None, :])
-    if not np.any(gold_gaps > 1e-9):
-        raise ValueError("policy samples all got the same gold score: nothing to rank")
-    tau = annotators.calibrate_tau(gold, target_agreement, flip_prob, seed=seed)
-    if pool_name == "default":
-        pool = annotators.default_pool(tau, flip_prob)
-    else:
-        pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", flip_prob),))
-    ranks, ids = pool.rank(gold, responses, np.random.default_rng([seed, 97]))
-    records, dropped = [], 0
-    for i, p in enumerate(prompts):
-        # Samples that came out identical carry no preference between them; drop such rows.
-        if len(set(responses[i])) < 2:
-            dropped += 1
-            continue
-        records.append({"prompt": p, "responses": list(responses[i]),
-                        "ranks": [int(r) for r in ranks[i]], "gold": [float(g) for g in gold[i]],
-                        "kinds": ["policy"] * k, "annotator": str(int(ids[i])), "bucket": "policy",
-                        "source": f"policy:{i}"})
-    return records, {"examples": len(records), "dropped_identical": dropped, "tau": float(tau),
-                     "ended_frac": float(np.mean(s["ended"]))}
-
-
-def _encode(tokenizer, records, max_len):
-    from rlhf_jax.data import tokenize
-
-    if not records:
-        raise ValueError("no comparisons to encode (every row was dropped or the split is empty)")
-    batch, stats = tokenize.encode_comparisons(
-        tokenizer, [r["prompt"] for r in records], [r["responses"] for r in records],
-        [r["ranks"] for r in records], max_len)
-    return {"tokens": batch["tokens"], "mask": batch["mask"], "rank": batch["rank"]}, stats
-
-
-def _pad_rows(arrays: dict, n: int) -> dict:
-    """Append all-padding comparisons (rank -1: no preference, loss weight 0) up to n rows."""
-    extra = n - arrays["tokens"].shape[0]
-    if extra <= 0:
-        return arrays
-    out = {}
-    for k, v in arrays.items():
-        fill = -1 if k == "rank" else 0
-        out[k] = np.concatenate([v, np.full((extra,) + v.shape[1:], fill, v.dtype)])
-    return out
-
-
-def _gold_array(records) -> np.ndarray | None:
-    if not records or "gold" not in records[0]:
-        return None
-    K = max(len(r["responses"]) for r in records)
-    g = np.zeros((len(records), K))
-    for i, r in enumerate(records):
-        g[i, :len(r["gold"])] = r["gold"]
-    return g
-
-
-def _annotator_names(source) -> dict[str, str] | None:
-    if source.kind != "sim" or source.get("pool", "default") != "default":
-        return None
-    from rlhf_jax.sim import annotators
-
-    return {str(a.annotator_id): f"{a.annotator_id}:{a.name}"
-            for a in annotators.default_pool(1.0).annotators}
-
 
 def run(config) -> dict:
-    """(config, SFT checkpoint, comparisons) -> `workdir/final` RM params + summary.json.
-
-    The final checkpoint's metadata holds `model_config`, `tokenizer_dir` and `reward_norm`
-    (gain, bias, method), which `score_sequences` applies for every later stage.
-    """
-    import logging
-    import time
-
-    from rlhf_jax import evaluation
-    from rlhf_jax import trainer as trainer_lib
-    from rlhf_jax.data import builders, tokenize
-    from rlhf_jax.data.iterators import ArrayIterator
-    from rlhf_jax.handoff import resolve_init
-    from rlhf_jax.sim.judges import get_judge
-
+    """(config, SFT checkpoint, comparisons) -> `workdir/final` RM params + summary.json."""
     t_start = time.perf_counter()
-    _validate(config)
-    cfg, init_params, meta = resolve_init(config.init_from)
-    tokenizer, tok_dir = _tokenizer(config, meta)
-    if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"tokenizer at {tok_dir} has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
-    cfg = cfg.replace(dropout=0.0)  # Huang et al. 2023: dropout off in every stage
-    pad_id, eos_id = tokenize.special_ids(tokenizer)
-    policy_params = init_params  # the frozen reference policy: the SFT model itself
-    if not cfg.tie_embeddings and "lm_head" not in policy_params:
-        raise ValueError(f"init_from={config.init_from!r} holds no LM head: the reward model needs "
-                         "the SFT policy (to sample for normalisation), not an RM checkpoint")
+    validate_config(config)
+    source = sources.from_config(config.data.source)
+    # The SFT policy: its trunk starts the RM; it is also the reference policy whose samples
+    # fit the normalisation (and are labelled for candidates=policy).
+    place = trainer_lib.Placement(config)
+    policy, tokenizer, tok_dir = handoff.load_policy_and_tokenizer(config, place, source.spec)
+    cfg = policy.cfg
 
-    # -- data ---------------------------------------------------------------------------------
-    src = config.data.source
-    t0 = time.perf_counter()
-    records, load_stats = load_preference_records(src)
-    data_info: dict[str, Any] = {"candidates": config.data.candidates}
-    if config.data.candidates != "dataset":
-        n_policy = {s: len(records[s]) for s in records}
-        if config.data.candidates == "mixed":
-            n_policy = {s: n // 2 for s, n in n_policy.items()}
-        pd = config.policy_data
-        for i, split in enumerate(("train", "eval")):
-            prompts, _ = builders.load_prompts(
-                {"kind": "sim", "seed": src.seed, "num_train": n_policy["train"],
-                 "num_eval": n_policy["eval"]}, split)
-            recs, st = policy_comparisons(
-                cfg, policy_params, tokenizer, prompts[:n_policy[split]],
-                jax.random.fold_in(jax.random.key(config.seed), 1000 + i), k=int(src.k),
-                judge_name=src.judge, target_agreement=float(src.target_agreement),
-                flip_prob=float(src.flip_prob), pool_name=src.pool, seed=int(src.seed) + i,
-                max_prompt_len=pd.max_prompt_len, max_new_tokens=pd.max_new_tokens,
-                temperature=pd.temperature, batch_size=pd.batch_size)
-            keep = len(records[split]) - n_policy[split] if config.data.candidates == "mixed" else 0
-            records[split] = records[split][:keep] + recs
-            load_stats[split] = {**load_stats[split], "policy": st}
-    train_arrays, train_enc = _encode(tokenizer, records["train"], config.data.max_len)
-    eval_arrays, eval_enc = _encode(tokenizer, records["eval"], config.data.max_len)
-    data_info.update(
-        train={**load_stats["train"], **train_enc, "comparisons": len(records["train"])},
-        eval={**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])},
-        seconds=round(time.perf_counter() - t0, 2))
-    n_train = train_arrays["tokens"].shape[0]
-    logging.info("rm data: %s", data_info)
+    records, load_stats = preferences.load_comparisons(
+        source, config.data.candidates,
+        evaluation.policy_sampler(policy, tokenizer, config.policy_data,
+                                  place.key(Purpose.POLICY_DATA), place))
+    train_arrays, train_enc = preferences.encode_records(tokenizer, records["train"],
+                                                         config.data.max_len, "train comparisons")
+    eval_arrays, eval_enc = preferences.encode_records(tokenizer, records["eval"],
+                                                       config.data.max_len, "eval comparisons")
+    data_info = {"candidates": config.data.candidates,
+                 "train": {**load_stats["train"], **train_enc,
+                           "comparisons": len(records["train"])},
+                 "eval": {**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])}}
+    config = config_utils.with_epoch_steps(config, train_arrays["tokens"].shape[0])
 
-    bs = config.train.batch_size
-    if config.train.epochs > 0:
-        # InstructGPT trains the RM for one epoch: more overfits the comparisons.
-        config.train.steps = max(1, int(config.train.epochs * n_train) // bs)
-        config.optim.warmup_steps = min(config.optim.warmup_steps, config.train.steps)
-
-    # -- model --------------------------------------------------------------------------------
     tr = trainer_lib.Trainer(config, "rm")
-    head = jax.jit(lambda k: models.init_params(cfg, k, ("score",))["score_head"])(
-        jax.random.fold_in(jax.random.key(config.seed), 17))  # only the head survives DCE
-    rm_init = {**models.trunk(init_params), "score_head": jax.device_get(head)}
-    axes = models.param_axes(cfg, ("score",))
-    optimizer = trainer_lib.make_optimizer(config.optim, config.train.steps)
-    state, _ = tr.create_state(rm_init, axes, optimizer)
+    rm_init = {**models.trunk(policy.params),
+               "score_head": init_score_head(cfg, tr.key(Purpose.INIT))}
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    state, _ = tr.create_state(rm_init, models.param_axes(cfg, ("score",)), optimizer)
     tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir,
-                       init_from=str(config.init_from), data_stats=data_info,
-                       reward_norm={"gain": 1.0, "bias": 0.0, "method": "none"})
-
+                       init_from=str(config.init_from), data_stats=data_info)
     kind, margin = config.loss.kind, float(config.loss.margin)
 
-    def loss_fn(params, batch, rng):
-        del rng  # dropout is off
-        scores = score_sequences(cfg, params, batch["tokens"], batch["mask"])
+    def loss_fn(params, frozen, batch, key):
+        del frozen, key  # nothing frozen; dropout is off
+        scores = rewards.score_sequences(cfg, params, batch["tokens"], batch["mask"])
         return rm_loss(scores, batch["rank"], kind=kind, margin=margin)
 
     step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
     eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn))
-    train_iter = ArrayIterator(train_arrays, bs, seed=config.seed)
-    # Held-out batches: padded with rows of no preference (rank -1, weight 0) to a batch size
-    # the mesh can split, so every held-out comparison is evaluated and none counts twice.
-    data_par, fsdp_par, _ = sharding.mesh_shape(config.mesh, jax.device_count())
-    shards = data_par * fsdp_par
-    n_eval_rows = eval_arrays["tokens"].shape[0]
-    eval_bs = min(bs, -(-n_eval_rows // shards) * shards)
-    padded_eval = _pad_rows(eval_arrays, -(-n_eval_rows // eval_bs) * eval_bs)
+    rm_arrays = {k: train_arrays[k] for k in ("tokens", "mask", "rank")}
+    train_iter = ArrayIterator(rm_arrays, config.train.batch_size, seed=config.seed)
+    padded_eval, eval_bs = preferences.pad_to_batches(
+        {k: eval_arrays[k] for k in ("tokens", "mask", "rank")}, config.train.batch_size,
+        tr.batch_shards)
 
     def eval_fn(st):
         it = ArrayIterator(padded_eval, eval_bs, seed=0, shuffle=False)
         n = min(config.train.eval_batches or it.batches_per_epoch, it.batches_per_epoch)
         return tr.evaluate(eval_step, st.params, it, num_batches=n)
 
-    # -- normalisation (computed on the trained RM, before the final params are written) -------
-    nc = config.norm
-    norm_prompts = None
-    if nc.method == "reference":
-        if src.kind == "sim":
-            norm_prompts, _ = builders.load_prompts(
-                {"kind": "sim", "seed": src.seed, "num_train": nc.num_samples, "num_eval": 0},
-                "train")
-        else:
-            norm_prompts = list(dict.fromkeys(r["prompt"] for r in records["train"]))
-        repeats = -(-nc.num_samples // max(len(norm_prompts), 1))  # few real prompts: reuse them
-        norm_prompts = (norm_prompts * repeats)[:nc.num_samples]
-    norm_info: dict[str, Any] = {}
-
-    def fit_reward_norm(params) -> dict:
-        if nc.method == "none":
-            return fit_norm(np.zeros(2), "none")
-        if nc.method == "reference":
-            enc, _ = tokenize.encode_prompts(tokenizer, norm_prompts, nc.max_prompt_len)
-            raw, info = reference_rewards(
-                cfg, policy_params, cfg, params, enc["prompt_tokens"], enc["prompt_mask"],
-                jax.random.fold_in(jax.random.key(config.seed), 2000),
-                max_new_tokens=nc.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                temperature=nc.temperature, batch_size=nc.batch_size)
-            norm_info.update(info)
-        else:  # demonstrations (Stiennon et al. 2020)
-            if src.kind == "sim":
-                prompts, completions, _ = builders.load_sft_texts(
-                    {"kind": "sim", "seed": src.seed, "num_train": nc.num_samples,
-                     "num_eval": 0}, "train")
-            else:  # real preference data: the preferred responses stand in for demonstrations
-                best = [(r["prompt"], r["responses"][int(np.argmin(r["ranks"]))])
-                        for r in records["train"][:nc.num_samples]]
-                prompts, completions = [b[0] for b in best], [b[1] for b in best]
-            enc, _ = tokenize.encode_sft(tokenizer, prompts, completions, config.data.max_len)
-            raw = score_batches(cfg, params, enc["tokens"], enc["mask"], batch_size=nc.batch_size)
-        return fit_norm(raw, nc.method, nc.target_mean, nc.target_std)
-
-    def final_params(st):
-        params = jax.device_get(st.params)
-        norm = fit_reward_norm(params)
-        tr.metadata["reward_norm"] = norm
-        logging.info("reward normalisation: %s", norm)
-        return st.params
-
     t_train = time.perf_counter()
-    state = tr.fit(state, step, train_iter, eval_fn=eval_fn, final_params=final_params)
+    state = tr.fit(state, step, train_iter, eval_fn=eval_fn, write_final=False)
     train_seconds = time.perf_counter() - t_train
-    if tr.metadata["reward_norm"]["method"] != nc.method:  # resumed after the final save
-        from rlhf_jax import checkpoint
+    if tr.final_metadata() is None:  # not finished before: fit the normalisation, hand off
+        tr.metadata["reward_norm"] = fit_reward_norm(
+            config.norm, source, policy, cfg, state.params, tokenizer, config.data.max_len,
+            tr.key(Purpose.NORM), tr)
+        log.info("reward normalisation: %s", tr.metadata["reward_norm"])
+        tr.save_final(state.params)
+    rm = handoff.Loaded(cfg, state.params, tr.final_metadata(), str(tr.workdir))
 
-        _, final_meta = checkpoint.load_stage_params(tr.workdir)
-        tr.metadata["reward_norm"] = final_meta["reward_norm"]
-    norm = tr.metadata["reward_norm"]
-
-    # -- evaluation ---------------------------------------------------------------------------
-    ev = config.eval
-    params = jax.device_get(state.params)
-    raw_eval = score_batches(cfg, params, eval_arrays["tokens"], eval_arrays["mask"],
-                             batch_size=ev.batch_size)
-    rewards_eval = raw_eval * norm["gain"] + norm["bias"]
-    held = preference_metrics(
-        eval_arrays["rank"], rewards_eval, raw=raw_eval, gold=_gold_array(records["eval"]),
-        annotators=[r.get("annotator", "") for r in records["eval"]],
-        buckets=[r.get("bucket", "") for r in records["eval"]],
-        annotator_names=_annotator_names(src), gap_edges=tuple(ev.gap_edges))
+    # Held-out accuracy (raw and normalised scores rank alike), its ceiling and breakdowns.
+    raw_eval = rewards.score_batches(cfg, state.params, eval_arrays["tokens"],
+                                     eval_arrays["mask"], batch_size=config.eval.batch_size,
+                                     place=tr)
+    norm = rm.reward_norm
+    held = evaluation.PreferenceEval.from_records(
+        records["eval"], eval_arrays["rank"], annotator_names=source.annotator_names(),
+        gap_edges=tuple(config.eval.gap_edges))(raw_eval * norm["gain"] + norm["bias"],
+                                                raw=raw_eval)
     summary: dict[str, Any] = {
         "held_out_accuracy": held["accuracy"],
         "gold_ceiling_accuracy": held.get("gold_ceiling_accuracy"),
-        "held_out_pairs": held["pairs"],
-        "per_annotator": held.get("per_annotator", {}),
-        "per_bucket": held.get("per_bucket", {}),
-        "calibration": held["calibration"],
-        "reward_norm": norm,
-        "loss_kind": kind,
-        "data": data_info,
-        "train_comparisons": n_train,
+        "held_out_pairs": held["pairs"], "per_annotator": held.get("per_annotator", {}),
+        "per_bucket": held.get("per_bucket", {}), "calibration": held["calibration"],
+        "reward_norm": norm, "loss_kind": kind, "data": data_info,
+        "train_comparisons": int(train_arrays["tokens"].shape[0]),
     }
     if summary["gold_ceiling_accuracy"] is not None:
         summary["gap_to_ceiling"] = summary["gold_ceiling_accuracy"] - summary["held_out_accuracy"]
-    if norm_info:
-        summary["reference_samples"] = norm_info
-
-    agreement: dict[str, Any] = {}
-    judges = {name: get_judge(name) for name in ev.judges}
-    if src.kind == "sim" and judges and ev.fresh_world_pairs > 0:
-        # Fresh pairs: the world's candidates on its "test" split, never used for training.
-        from rlhf_jax.sim.world import get_world
-
-        items = get_world(int(src.seed)).comparison_candidates(0, ev.fresh_world_pairs, 2, "test")
-        recs = [{"prompt": p, "responses": rs, "ranks": [0, 1]} for p, rs, _ in items]
-        arr, _ = _encode(tokenizer, recs, config.data.max_len)
-        r = score_batches(cfg, params, arr["tokens"], arr["mask"], norm, ev.batch_size)
-        flat_p = [p for p, rs, _ in items for _ in rs]
-        flat_r = [x for _, rs, _ in items for x in rs]
-        agreement["world_pairs"] = {}
-        for name, j in judges.items():
-            g = j.score(flat_p, flat_r).reshape(-1, 2)
-            agreement["world_pairs"][name] = judge_agreement(r[:, 0] - r[:, 1], g[:, 0] - g[:, 1])
-    if judges and ev.fresh_policy_pairs > 0 and src.kind == "sim":
-        # Pairs of fresh SFT-policy samples: what PPO's first rollouts look like to the RM.
-        prompts, _ = builders.load_prompts(
-            {"kind": "sim", "seed": src.seed, "num_train": 0, "num_eval": ev.fresh_policy_pairs},
-            "eval")
-        rep = [p for p in prompts for _ in range(2)]
-        s = evaluation.sample_texts(cfg, policy_params, tokenizer, rep,
-                                    jax.random.fold_in(tr.eval_rng, 3000),
-                                    max_prompt_len=nc.max_prompt_len,
-                                    max_new_tokens=nc.max_new_tokens, temperature=nc.temperature,
-                                    batch_size=nc.batch_size)
-        seq_t = np.concatenate([s["prompt_tokens"], s["tokens"]], axis=1)
-        seq_m = np.concatenate([s["prompt_mask"], s["mask"]], axis=1)
-        r = score_batches(cfg, params, seq_t, seq_m, norm, ev.batch_size)
-        agreement["policy_pairs"] = {}
-        for name, j in judges.items():
-            g = j.score(rep, s["responses"])
-            agreement["policy_pairs"][name] = judge_agreement(r[0::2] - r[1::2], g[0::2] - g[1::2])
-        # Fresh reference samples after normalisation (Ziegler: mean 0, std 1 by construction).
-        summary["fresh_reference_rewards"] = {"mean": float(r.mean()), "std": float(r.std()),
-                                              "n": int(r.size)}
+    agreement = judge_agreement(config, source, policy, rm, tokenizer, tr.key(Purpose.RM_EVAL), tr)
+    if "fresh_reference_rewards" in agreement:
+        summary["fresh_reference_rewards"] = agreement.pop("fresh_reference_rewards")
     summary["judge_agreement"] = agreement
     summary["train_seconds"] = round(train_seconds, 1)
     summary["runtime_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -601,17 +313,6 @@ def run(config) -> dict:
     return out
 
 
-def main(config) -> dict:
-    import json
-
-    summary = run(config)
-    keys = ("held_out_accuracy", "gold_ceiling_accuracy", "gap_to_ceiling", "judge_agreement",
-            "reward_norm", "runtime_seconds")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
-    return summary
-
-
 if __name__ == "__main__":
-    from rlhf_jax import config_utils
-
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("held_out_accuracy", "gold_ceiling_accuracy", "gap_to_ceiling",
+                                "judge_agreement", "reward_norm", "runtime_seconds"))

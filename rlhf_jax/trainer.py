@@ -1,10 +1,13 @@
 """The training loop every stage shares.
 
-A stage supplies a loss (`loss_fn(params, microbatch, rng) -> (loss_sum, metric_sums)`, sums over
-tokens/examples with `metric_sums["count"]` the weight) or a whole step function
-(`step(state, batch, rng) -> (state, metrics)`); `Trainer` owns the rest: mesh, sharded state
-creation, resume, jit, the loop with eval / checkpoint cadence, SIGTERM, non-finite stop,
-progress, metrics and the hand-off of the final params to the next stage.
+A stage supplies a loss (`loss_fn(params, frozen, microbatch, rng) -> (loss_sum, metric_sums)`,
+sums over tokens/examples with `metric_sums["count"]` the weight) or a whole step function
+(`step(state, frozen, batch, rng) -> (state, metrics)`). `frozen` is a tree of arrays the step
+reads but never trains (a reference policy, a reward model; None when there is none): it is a
+jit argument with its own shardings, placed once on the mesh and never re-sent from the host.
+`Trainer` owns the rest: mesh, sharded state creation, resume, jit, the loop with eval /
+checkpoint cadence, SIGTERM, non-finite stop, progress, metrics and the hand-off of the final
+params to the next stage.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax import checkpoint, config_utils, sharding
-from rlhf_jax.metrics import MetricWriter, read_metrics, to_python
+from rlhf_jax import checkpoint, config_utils, models, provenance, rng, sharding
+from rlhf_jax.metrics import MetricWriter, progress_bar, read_metrics, to_python
+from rlhf_jax.optim import current_lr
 
 log = logging.getLogger(__name__)
 
@@ -40,61 +44,6 @@ class TrainState:
     params: Any
     opt_state: Any
     extra: Any = flax.struct.field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------ optimizer
-
-
-def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then constant / cosine / linear decay to lr·end_lr_ratio."""
-    lr = float(optim_cfg.lr)
-    warmup = int(optim_cfg.warmup_steps)
-    end = lr * float(optim_cfg.get("end_lr_ratio", 0.0))
-    kind = optim_cfg.schedule
-    if kind == "constant":
-        if not warmup:
-            return optax.constant_schedule(lr)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-    if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
-                                                  end_value=end)
-    if kind == "linear":
-        decay = optax.linear_schedule(lr, end, max(total_steps - warmup, 1))
-        if not warmup:
-            return decay
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-    raise ValueError(f"config.optim.schedule={kind!r} must be one of "
-                     f"{config_utils.OPTIM_SCHEDULES}")
-
-
-def make_optimizer(optim_cfg, total_steps: int,
-                   weight_decay_mask: Any | Callable | None = None) -> optax.GradientTransformation:
-    """AdamW (+ global-norm clip) with the config's schedule.
-
-    Built as clip → scale_by_adam → decayed weights → lr so that the current learning rate sits in
-    the optimizer state (`inject_hyperparams`) and steps can report it. `weight_decay_mask`: a
-    tree of bools or a callable params → tree (default: decay every parameter).
-    """
-    parts = []
-    if optim_cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
-    parts.append(optax.scale_by_adam(b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-                                     eps=float(optim_cfg.eps)))
-    if optim_cfg.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(float(optim_cfg.weight_decay),
-                                               mask=weight_decay_mask))
-    parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(
-        learning_rate=make_schedule(optim_cfg, total_steps)))
-    return optax.chain(*parts)
-
-
-def current_lr(opt_state) -> jax.Array | None:
-    """The learning rate of the last update, when the optimizer injects it (make_optimizer)."""
-    found = [x.hyperparams["learning_rate"] for x in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
-        if hasattr(x, "hyperparams") and "learning_rate" in x.hyperparams]
-    return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------- train step
@@ -122,17 +71,18 @@ def _f32(tree):
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     accum_steps: int = 1) -> Callable:
-    """`step(state, batch, rng) -> (state, metrics)` with gradient accumulation.
+    """`step(state, frozen, batch, rng) -> (state, metrics)` with gradient accumulation.
 
-    Gradients and metric sums are summed over the `accum_steps` microbatches and divided by the
-    TOTAL count once, so the update equals the one-big-batch update even when microbatches hold
-    different numbers of tokens (averaging per-microbatch means would not). Microbatch i gets
-    `fold_in(rng, i)`. Metrics: every metric sum / count, plus `loss`, `count`, `grad_norm`, `lr`.
+    `loss_fn(params, frozen, microbatch, rng)`. Gradients and metric sums are summed over the
+    `accum_steps` microbatches and divided by the TOTAL count once, so the update equals the
+    one-big-batch update even when microbatches hold different numbers of tokens (averaging
+    per-microbatch means would not). Microbatch i gets `rng.step_key(rng, MICROBATCH, i)`.
+    Metrics: every metric sum / count, plus `loss`, `count`, `grad_norm`, `lr`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro(params, mb, rng):
-        (loss_sum, sums), grads = grad_fn(params, mb, rng)
+    def micro(params, frozen, mb, key):
+        (loss_sum, sums), grads = grad_fn(params, frozen, mb, key)
         if "count" not in sums:
             raise KeyError("loss_fn must return metric_sums with a 'count' entry (the weight, "
                            "e.g. the number of target tokens) — got keys "
@@ -141,18 +91,20 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         sums["loss"] = loss_sum
         return _f32(grads), _f32(sums)
 
-    def step(state, batch, rng):
+    def step(state, frozen, batch, key):
+        micro_key = lambda i: rng.step_key(key, rng.StepUse.MICROBATCH, i)  # noqa: E731
         if accum_steps == 1:
-            grads, sums = micro(state.params, batch, jax.random.fold_in(rng, 0))
+            grads, sums = micro(state.params, frozen, batch, micro_key(0))
         else:
             mbs = split_microbatches(batch, accum_steps)
 
             def body(carry, xs):
                 i, mb = xs
-                out = micro(state.params, mb, jax.random.fold_in(rng, i))
+                out = micro(state.params, frozen, mb, micro_key(i))
                 return jax.tree.map(jnp.add, carry, out), None
 
-            shapes = jax.eval_shape(micro, state.params, jax.tree.map(lambda x: x[0], mbs), rng)
+            shapes = jax.eval_shape(micro, state.params, frozen,
+                                    jax.tree.map(lambda x: x[0], mbs), key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), mbs))
         count = sums["count"]
@@ -171,9 +123,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(loss_fn: Callable) -> Callable:
-    """`eval_step(params, batch, rng) -> metric sums` (incl. `loss` and `count`), no gradients."""
-    def eval_step(params, batch, rng):
-        loss_sum, sums = loss_fn(params, batch, rng)
+    """`eval_step(params, frozen, batch, rng) -> metric sums` (incl. `loss` and `count`)."""
+    def eval_step(params, frozen, batch, key):
+        loss_sum, sums = loss_fn(params, frozen, batch, key)
         sums = dict(sums)
         sums["loss"] = loss_sum
         return _f32(sums)
@@ -246,49 +198,98 @@ class _Preemption:
         return False
 
 
-class Trainer:
+class Placement:
+    """Where arrays of a run live: the mesh, the logical-axis rules, and the moves onto them.
+
+    Creating it initialises `jax.distributed` if configured and builds the `(data, fsdp,
+    tensor)` mesh of `config.mesh`. Code that samples or scores without training (evaluations,
+    a stage's data preparation before its Trainer exists, experiments) uses one directly; a
+    `Trainer` is one.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        sharding.maybe_initialize_distributed(config)
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rules = sharding.rules_from_config(config)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.is_main = jax.process_index() == 0
+
+    def key(self, purpose: rng.Purpose, *index: int) -> jax.Array:
+        """The run's key for `purpose` (see `rlhf_jax.rng`): `rng.key(config.seed, ...)`."""
+        return rng.key(self.config.seed, purpose, *index)
+
+    def param_shardings(self, param_axes, abstract_params):
+        return sharding.logical_to_shardings(param_axes, self.mesh, self.rules, abstract_params)
+
+    def model_shardings(self, cfg: models.ModelConfig) -> Callable:
+        """`abstract params -> shardings` for any params tree of model `cfg` (whichever heads
+        it holds): what loaders take to restore a checkpoint straight onto this mesh."""
+        return lambda abstract: self.param_shardings(models.axes_like(cfg, abstract), abstract)
+
+    def place(self, tree, axes) -> Any:
+        """Put a params tree (host numpy or device arrays) on this mesh by its logical `axes`.
+
+        For frozen trees (reference policy, reward model): place them once and pass them to the
+        jitted steps as arguments, never as closed-over constants.
+        """
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+        return jax.device_put(tree, self.param_shardings(axes, shapes))
+
+    def shardings_of(self, tree) -> Any:
+        """The shardings a placed tree carries (for the in_shardings of a jit)."""
+        return jax.tree.map(lambda x: x.sharding, tree)
+
+    @property
+    def batch_shards(self) -> int:
+        """How many shards a global batch splits into (its row count must be a multiple)."""
+        return int(np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.rules)]))
+
+    def to_global(self, host_batch):
+        """This process's rows of a batch -> global arrays sharded over the batch axes."""
+        return sharding.host_to_global(host_batch, self.mesh, self.rules)
+
+    def shard_rows(self, batch):
+        """A whole batch that every process holds -> global arrays, each process contributing
+        its own slice of the rows (evaluation chunks, precomputed passes)."""
+        return self.to_global(sharding.process_rows(batch))
+
+
+class Trainer(Placement):
     """Mesh, checkpoints, metrics and the loop for one stage (`stage_name`) of a run.
 
     Creating it initialises `jax.distributed` if configured, validates the shared config fields
-    (before anything compiles), builds the mesh and rules, writes `workdir/config.json`, and opens
+    (before anything compiles), builds the mesh and rules, checks and records `workdir/config.json`
+    (`rlhf_jax.provenance`: a rerun with a different config is refused), and opens
     the checkpointer and metric writer. `self.metadata` is saved with every checkpoint and the
     final params; stages add what the next stage needs (model config, tokenizer dir, reward
     normalisation, ...).
     """
 
     def __init__(self, config, stage_name: str, *, async_checkpoints: bool = True):
-        self.config = config
+        super().__init__(config)
         self.stage = stage_name
-        sharding.maybe_initialize_distributed(config)
         config_utils.validate(config, jax.device_count())
-        self.mesh = sharding.make_mesh(config.mesh)
-        self.rules = sharding.rules_from_config(config)
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         self.workdir = Path(config.workdir)
-        self.is_main = jax.process_index() == 0
-        if self.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            config_utils.save_config(config, self.workdir)
+        # Records config.json, or refuses a config that differs from the one that trained this
+        # work dir's checkpoints (rlhf_jax.provenance); a resume's change is written at 1st save.
+        self.provenance = provenance.check_workdir(config, self.workdir, write=self.is_main)
         self.checkpointer = checkpoint.Checkpointer(
             self.workdir, keep=config.train.keep_checkpoints, async_save=async_checkpoints)
         self.resume_step = self.checkpointer.latest_step()
         # Drop metric records the interrupted run wrote after its last checkpoint.
         self.writer = MetricWriter(self.workdir, resume_step=self.resume_step or 0,
                                    enabled=self.is_main)
-        self.metadata: dict[str, Any] = {"stage": stage_name, "config": config}
+        self.metadata: dict[str, Any] = {"stage": stage_name, "config": config,
+                                         "config_hash": self.provenance.config_hash}
         self.summary: dict[str, Any] = {}
-        # One stream per purpose: step s trains with fold_in(train_rng, s); evals reuse eval_rng.
-        base = jax.random.key(config.seed)
-        self.train_rng = jax.random.fold_in(base, 0)
-        self.eval_rng = jax.random.fold_in(base, 1)
         self.state_shardings = None
         self.restored_data_state: dict | None = None
+        self.final_step: int | None = None  # set by `fit`
 
     # -- state ---------------------------------------------------------------------------------
 
-    def param_shardings(self, param_axes, abstract_params):
-        return sharding.logical_to_shardings(param_axes, self.mesh, self.rules, abstract_params)
 
     def create_state(self, init: Callable[[], Any] | Any, param_axes,
                      optimizer: optax.GradientTransformation, extra: Mapping | None = None):
@@ -330,7 +331,9 @@ class Trainer:
 
             state = jax.jit(make, out_shardings=state_sh)()
         else:
-            params = jax.device_put(init, param_sh)
+            # A copy: the train step donates the state, and `init` may be arrays the caller still
+            # uses (the SFT policy whose trunk starts an RM, the frozen reference of PPO).
+            params = jax.device_put(init, param_sh, may_alias=False)
             opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
             state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
                                params=params, opt_state=opt_state,
@@ -339,36 +342,39 @@ class Trainer:
 
     # -- jit -----------------------------------------------------------------------------------
 
-    def jit_step(self, step_fn: Callable, state_shardings=None, batch_shardings=None):
-        """jit `step(state, batch, rng)` with explicit shardings; the old state is donated."""
+    def jit_step(self, step_fn: Callable, frozen=None, state_shardings=None,
+                 batch_shardings=None):
+        """jit `step(state, frozen, batch, rng)` with explicit shardings; the old state is
+        donated. `frozen`: the placed frozen tree the step will get (its shardings are read)."""
         state_sh = self.state_shardings if state_shardings is None else state_shardings
         if state_sh is None:
             raise ValueError("jit_step needs state shardings: call create_state first or pass "
                              "state_shardings")
         batch_sh = self.batch_sharding if batch_shardings is None else batch_shardings
-        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, self.replicated),
+        return jax.jit(step_fn, in_shardings=(state_sh, self.shardings_of(frozen), batch_sh,
+                                              self.replicated),
                        out_shardings=(state_sh, self.replicated), donate_argnums=0)
 
-    def jit_eval(self, eval_step: Callable, param_shardings=None):
+    def jit_eval(self, eval_step: Callable, frozen=None, param_shardings=None):
+        """jit `eval_step(params, frozen, batch, rng) -> metric sums` (see `make_eval_step`)."""
         param_sh = self.state_shardings.params if param_shardings is None else param_shardings
-        return jax.jit(eval_step, in_shardings=(param_sh, self.batch_sharding, self.replicated),
+        return jax.jit(eval_step, in_shardings=(param_sh, self.shardings_of(frozen),
+                                                self.batch_sharding, self.replicated),
                        out_shardings=self.replicated)
 
-    def to_global(self, host_batch):
-        return sharding.host_to_global(host_batch, self.mesh, self.rules)
 
     def evaluate(self, eval_step: Callable, params, batches: Iterable,
-                 num_batches: int | None = None) -> dict[str, float]:
+                 num_batches: int | None = None, frozen=None) -> dict[str, float]:
         """Token-weighted means over `num_batches` (default config.train.eval_batches) batches.
 
         `eval_step` returns metric sums with `count` (see `make_eval_step`, then `jit_eval`); the
-        sums are added over batches and divided by the total count once.
+        sums are added over batches and divided by the total count once. Batch i uses the key
+        `key(EVAL, i)`: every evaluation sees the same noise.
         """
         n = self.config.train.eval_batches if num_batches is None else num_batches
         totals = None
-        key = self.eval_rng  # fixed: every evaluation sees the same noise
         for i, batch in enumerate(itertools.islice(batches, n)):
-            sums = eval_step(params, self.to_global(batch), jax.random.fold_in(key, i))
+            sums = eval_step(params, frozen, self.to_global(batch), self.key(rng.Purpose.EVAL, i))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         if totals is None:
             raise ValueError("evaluate: the eval iterator yielded no batches")
@@ -380,6 +386,7 @@ class Trainer:
 
     def save(self, step: int, state, train_iter=None) -> None:
         data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+        self.provenance.commit()
         self.checkpointer.save(step, state, data_state, self.metadata)
 
     def write_summary(self, extra: Mapping | None = None) -> None:
@@ -410,25 +417,27 @@ class Trainer:
             on_eval: Callable[[int, Mapping], None] | None = None, jit: bool = True,
             final_params: Callable[[Any], Any] | None = None,
             finite_metrics: tuple[str, ...] | None = ("loss", "grad_norm"),
-            restore_iterator: bool = True):
-        """Run `step_fn` from `state.step` to `num_steps` (default config.train.steps).
+            restore_iterator: bool = True, frozen=None, write_final: bool = True):
+        """Run `step_fn(state, frozen, batch, rng)` from `state.step` to `num_steps` (default
+        config.train.steps).
 
-        Step s (1-based, = state.step after it) uses the key `fold_in(self.train_rng, s)` and the
-        next batch of `train_iter` (host-local numpy, made global over the mesh). `jit=False` runs a
-        Python step as is (e.g. PPO's composite of jitted pieces). Metrics of every `log_every`-th
+        Step s (1-based, = state.step after it) uses the key `key(TRAIN, s)` and the next batch
+        of `train_iter` (host-local numpy, made global over the mesh); `frozen` (placed with
+        `place`) is passed to every step. `jit=False` runs a Python step as is (e.g. PPO's
+        composite of jitted pieces). Metrics of every `log_every`-th
         step go to metrics.jsonl / TensorBoard; `eval_fn(state) -> dict` runs every `eval_every`
         steps and at the end (logged as `eval/<name>`, then `on_eval(step, metrics)`);
         checkpoints every `ckpt_every` steps and at the end, with the iterator state and
         `self.metadata`. A non-finite metric in `finite_metrics` (None = all) raises
         FloatingPointError and saves nothing. SIGTERM checkpoints and exits with status 0. At the
         end `final_params(state)` (default `state.params`) is written to `workdir/final` and
-        `summary.json` is written. Returns the final state.
+        `summary.json` is written; with `write_final=False` the stage writes the hand-off itself
+        (`final_metadata` / `save_final`), e.g. after computing what goes into its metadata.
+        Returns the final state.
         """
-        from tqdm import tqdm
-
         cfg = self.config.train
         num_steps = cfg.steps if num_steps is None else int(num_steps)
-        step_impl = self.jit_step(step_fn) if jit else step_fn
+        step_impl = self.jit_step(step_fn, frozen) if jit else step_fn
         if restore_iterator and self.restored_data_state and hasattr(train_iter, "set_state"):
             train_iter.set_state(self.restored_data_state)
         start = int(jax.device_get(state.step))
@@ -453,8 +462,8 @@ class Trainer:
             if on_eval is not None:
                 on_eval(step, eval_metrics)
 
-        bar = tqdm(total=num_steps, initial=start, desc=self.stage, disable=not self.is_main,
-                   dynamic_ncols=True, smoothing=0.1)
+        # Live on a terminal; in a log file at most one redraw every ~30 s.
+        bar = progress_bar(num_steps, initial=start, desc=self.stage, disable=not self.is_main)
         try:
             # No jax.set_mesh here: shardings are explicit NamedShardings, and an ambient mesh
             # would make Flax turn logical `out_sharding` names into mesh axes inside eval_shape.
@@ -465,8 +474,8 @@ class Trainer:
                     except StopIteration:
                         raise RuntimeError(f"{self.stage}: the training iterator ran out before "
                                            f"step {step} of {num_steps}") from None
-                    rng = jax.random.fold_in(self.train_rng, step)
-                    state, metrics = step_impl(state, self.to_global(batch), rng)
+                    key = self.key(rng.Purpose.TRAIN, step)
+                    state, metrics = step_impl(state, frozen, self.to_global(batch), key)
                     pending.append((step, metrics))
                     steps_since += 1
                     bar.update(1)
@@ -485,7 +494,8 @@ class Trainer:
                             t_last, steps_since = now, 0
                             self.writer.write(step, last_metrics)
                             if "loss" in last_metrics:
-                                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}")
+                                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}",
+                                                refresh=False)
                     if eval_now:
                         run_eval(step)
                     if ckpt_now:
@@ -499,6 +509,7 @@ class Trainer:
                         self.close()
                         raise SystemExit(0)
                 final_step = int(jax.device_get(state.step))
+                self.final_step = final_step
                 if eval_fn is not None and eval_step_done != final_step:
                     # A finished run resumed: evaluate again for the summary (every process
                     # takes part in the collective eval); its record is already in the log.
@@ -507,9 +518,9 @@ class Trainer:
                 self.checkpointer.wait()
                 # (Re)write the hand-off unless it already holds this step (a resumed finished
                 # run); a run extended to more steps replaces it.
-                if checkpoint.final_step(self.workdir) != final_step:
+                if write_final and checkpoint.final_step(self.workdir) != final_step:
                     params = state.params if final_params is None else final_params(state)
-                    checkpoint.save_final(self.workdir, params, self.metadata, final_step)
+                    self.save_final(params)
         except Exception:
             self.checkpointer.wait()  # let the last good checkpoint finish writing
             raise
@@ -525,6 +536,17 @@ class Trainer:
         self.writer.write_summary(self.summary)
         self.writer.flush()
         return state
+
+    def final_metadata(self) -> dict | None:
+        """The hand-off's metadata when `workdir/final` holds this run's last step, else None
+        (not written yet, or an earlier, shorter run's)."""
+        if self.final_step is None or checkpoint.final_step(self.workdir) != self.final_step:
+            return None
+        return checkpoint.load_stage_metadata(self.workdir, field="config.workdir")
+
+    def save_final(self, params) -> None:
+        """Write `params` and `self.metadata` to `workdir/final` at this run's last step."""
+        checkpoint.save_final(self.workdir, params, self.metadata, self.final_step)
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import rlhf_jax  # noqa: F401  (sets flax_always_shard_variable=False)
-from rlhf_jax import config_utils, sharding
+from rlhf_jax import config_utils, optim, sharding
 from rlhf_jax.data.iterators import ArrayIterator
 
 VOCAB, EMBED, MLP, LENGTH = 32, 16, 32, 8
@@ -66,7 +66,7 @@ def forward(params, tokens, noise):
     return nnx.merge(graphdef, state)(tokens, noise)
 
 
-def loss_fn(params, batch, rng, noise_scale=0.0):
+def loss_fn(params, frozen, batch, rng, noise_scale=0.0):
     """Token-weighted next-token CE: (sum over target tokens, {"count", "correct"} sums)."""
     tokens, mask = batch["tokens"], batch["loss_mask"]
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
@@ -149,7 +149,7 @@ def run(config):
     data = make_data(seed=config.data_seed)
     train = {k: v[:48] for k, v in data.items()}
     held_out = {k: v[48:] for k, v in data.items()}
-    optimizer = tr.make_optimizer(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
     state, _ = trainer.create_state(lambda: init_params(jax.random.key(config.seed)),
                                     param_axes(), optimizer)
     step = tr.make_train_step(functools.partial(loss_fn, noise_scale=config.noise), optimizer,

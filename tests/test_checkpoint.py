@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, optim, sharding
+from rlhf_jax.errors import UserError
 from rlhf_jax import trainer as tr
 from tests import _toy
 
@@ -27,7 +28,7 @@ def _config(workdir, data, fsdp):
 
 
 def _trained_state(trainer, beta=0.5):
-    optimizer = tr.make_optimizer(trainer.config.optim, 10)
+    optimizer = optim.make_optimizer(trainer.config.optim, 10)
     state, data_state = trainer.create_state(lambda: _toy.init_params(jax.random.key(3)),
                                              _toy.param_axes(), optimizer, extra={"beta": beta})
     return state, data_state, optimizer
@@ -48,7 +49,7 @@ def test_save_on_2x4_restore_on_4x2_and_on_one_device(tmp_path):
     step = t1.jit_step(tr.make_train_step(_toy.loss_fn, optimizer))
     batch = t1.to_global({k: v[:16] for k, v in _toy.make_data().items()})
     for i in range(2):  # non-trivial Adam moments
-        state, _ = step(state, batch, jax.random.key(i))
+        state, _ = step(state, None, batch, jax.random.key(i))
     state = state.replace(extra={"beta": state.extra["beta"] * 3})  # e.g. an adapted KL coef
     assert state.params["up"]["kernel"].sharding.spec == P("fsdp")  # mlp→tensor is size 1
     assert state.opt_state[1].mu["up"]["kernel"].sharding.spec == P("fsdp")
@@ -91,7 +92,7 @@ def test_opt_state_shardings_follow_params_and_replicate_scalars():
     params = jax.eval_shape(lambda: _toy.init_params(jax.random.key(0)))
     p_sh = sharding.logical_to_shardings(_toy.param_axes(), mesh, None, params)
     cfg = _toy.get_config()
-    opt = jax.eval_shape(tr.make_optimizer(cfg.optim, 10).init, params)
+    opt = jax.eval_shape(optim.make_optimizer(cfg.optim, 10).init, params)
     o_sh = tr.opt_state_shardings(opt, params, p_sh, mesh)
     adam = o_sh[1]
     assert adam.mu["up"]["kernel"].spec == P("fsdp", "tensor")
@@ -151,7 +152,7 @@ def test_stage_handoff_final_params(tmp_path):
     placed = jax.device_put(params, sharding.logical_to_shardings(axes, mesh, None, params))
     assert not checkpoint.stage_is_complete(tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="interrupted"):
+    with pytest.raises(UserError, match="interrupted"):
         checkpoint.load_stage_params(tmp_path)
     checkpoint.save_final(tmp_path, placed, {"stage": "sft", "tokenizer_dir": tmp_path / "tok",
                                              "model": {"vocab": 32, "dims": (16, 32)}}, step=7)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ops, ppo
+from rlhf_jax import ops, ppo, rewards
 
 
 def _ragged_mask(lengths, n):
@@ -101,19 +101,19 @@ def test_reward_placement_eos_and_no_eos():
     ended = np.array([True, True, True, False])
     mask = jnp.asarray(_ragged_mask(lengths, N))
     rm = jnp.array([0.5, 2.0, -0.3, 1.7])
-    scores = ppo.apply_eos_trick(rm, jnp.asarray(ended), -1.0)
+    scores = rewards.apply_eos_trick(rm, jnp.asarray(ended), -1.0)
     np.testing.assert_allclose(scores, [0.5, 2.0, -0.3, -1.0])
-    np.testing.assert_allclose(ppo.apply_eos_trick(rm, jnp.asarray(ended), None), rm)
+    np.testing.assert_allclose(rewards.apply_eos_trick(rm, jnp.asarray(ended), None), rm)
     np.testing.assert_array_equal(ppo.last_token_index(mask), [2, 5, 0, 5])
 
     logp = jnp.asarray(np.random.default_rng(3).normal(size=(4, N)), jnp.float32)
     logp_ref = logp - 0.25  # k1 = 0.25 per real token
-    rewards, kl = ppo.compute_rewards(scores, logp, logp_ref, mask, 0.1)
+    token_rewards, kl = ppo.compute_rewards(scores, logp, logp_ref, mask, 0.1)
     expected = np.zeros((4, N))
     for b, n in enumerate(lengths):
         expected[b, :n] = -0.1 * 0.25
         expected[b, n - 1] += float(scores[b])
-    np.testing.assert_allclose(rewards, expected, atol=1e-6)
+    np.testing.assert_allclose(token_rewards, expected, atol=1e-6)
     np.testing.assert_allclose(kl, 0.25 * np.asarray(mask), atol=1e-6)
     # KL in the loss: the reward is the score alone.
     r_only, _ = ppo.compute_rewards(scores, logp, logp_ref, mask, 0.1, kl_in_reward=False)

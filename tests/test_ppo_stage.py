@@ -85,7 +85,7 @@ def test_ppo_sim_smoke_and_beta_across_resume(sim_dirs, tmp_path):
     on_disk = json.loads((work / "summary.json").read_text())
     assert on_disk["win_rate_vs_sft"] == summary["win_rate_vs_sft"]
     table = (work / "samples.md").read_text()
-    assert "## step 0" in table and "## step 2" in table and "| prompt | response | rm |" in table
+    assert "## step 0" in table and "## step 2" in table and "| prompt | response | rm_score |" in table
     # The final hand-off is the policy, loadable like an SFT checkpoint, and it moved.
     params, meta = checkpoint.load_stage_params(work)
     cfg = models.ModelConfig.from_dict(meta["model_config"])
@@ -148,15 +148,15 @@ def test_ppo_hf_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--config.kl.mode=both", "config.kl.mode='both'"),
-    ("--config.value_from=critic", "config.value_from='critic'"),
+    ("--config.kl.mode=both", "config.kl.mode: 'both' is not one of the options"),
+    ("--config.value_from=critic", "config.value_from: 'critic'"),
     ("--config.ppo.minibatches=3", "config.ppo.minibatches=3"),
-    ("--config.eval.gold=oracle", "config.eval.gold='oracle'"),
-    ("--config.rollout.temperature=0.0", "config.rollout.temperature=0.0"),
+    ("--config.eval.gold=oracle", "config.eval.gold: 'oracle'"),
+    ("--config.rollout.temperature=0.0", "config.rollout.temperature: 0.0 is not valid"),
 ])
 def test_config_errors_name_the_field(override, match, tmp_path):
     config = _config("ppo_sim.py:smoke", tmp_path / "w", "sft", "rm", override)
     with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("(", r"\(")):
         ppo.run(config)
-    with pytest.raises(ValueError, match="config.init_from is empty"):
+    with pytest.raises(ValueError, match="config.init_from: is empty"):
         ppo.run(_config("ppo_sim.py:smoke", tmp_path / "w", "", "rm"))

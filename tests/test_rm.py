@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, rewards, rm, sampling
+from rlhf_jax import evaluation, models, rewards, rm, sampling
 
 CFG = models.ModelConfig(vocab_size=24, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)
 
@@ -230,7 +230,7 @@ def test_preference_metrics_by_hand():
     ranks = np.array([[0, 1, -1], [1, 0, -1], [0, 1, 2]])
     rewards = np.array([[1.0, 0.0, 0.0], [2.0, 1.5, 0.0], [0.0, 0.3, 3.0]])
     gold = np.array([[0.5, 0.1, 0.0], [0.0, 0.9, 0.0], [0.4, 0.4, 0.0]])
-    m = rm.preference_metrics(ranks, rewards, gold=gold, annotators=["a", "b", "a"],
+    m = evaluation.preference_metrics(ranks, rewards, gold=gold, annotators=["a", "b", "a"],
                               buckets=["x", "x", "y"], annotator_names={"a": "0:alice"},
                               gap_edges=(0.0, 1.0))
     # Pairs (winner, loser): row0 (0,1) right; row1 (1,0) wrong; row2 (0,1) wrong, (0,2) wrong,
@@ -246,9 +246,9 @@ def test_preference_metrics_by_hand():
     lo, hi = m["calibration"]
     assert (lo["pairs"], hi["pairs"]) == (2, 3)
     assert lo["accuracy"] == 0.0 and hi["accuracy"] == pytest.approx(1 / 3)
-    assert lo["predicted"] == pytest.approx(np.mean(rm.sigmoid_np([0.5, 0.3])))
+    assert lo["predicted"] == pytest.approx(np.mean(evaluation.sigmoid_np([0.5, 0.3])))
 
 
 def test_judge_agreement_ignores_gold_ties():
-    a = rm.judge_agreement(np.array([1.0, -1.0, 0.0, 2.0]), np.array([0.5, 0.5, -1.0, 0.0]))
+    a = evaluation.judge_agreement(np.array([1.0, -1.0, 0.0, 2.0]), np.array([0.5, 0.5, -1.0, 0.0]))
     assert a == {"agreement": pytest.approx((1 + 0 + 0.5) / 3), "pairs": 3}

@@ -106,14 +106,21 @@ def test_rm_sim_mixed_candidates_rank_policy_samples(tmp_path):
 
 
 def test_policy_comparisons_follow_the_sampling_settings(tmp_path):
+    from rlhf_jax import evaluation
+    from rlhf_jax.data import preferences, sources
     from rlhf_jax.sim.judges import get_judge
 
     tok, cfg, _, params = _sim_sft(tmp_path)
     prompts = ["the movie was", "i think that", "this place is", "my friend said"]
-    records, stats = rm.policy_comparisons(
-        cfg, params, tok, prompts, jax.random.key(0), k=3, judge_name="vader",
-        target_agreement=0.73, flip_prob=0.0, pool_name="default", seed=0, max_prompt_len=8,
-        max_new_tokens=4, temperature=1.0, batch_size=8)
+    source = sources.from_config({"kind": "sim", "seed": 0, "judge": "vader",
+                                  "target_agreement": 0.73, "flip_prob": 0.0, "pool": "default"})
+
+    def sample(texts):
+        return evaluation.sample_texts(cfg, params, tok, texts, jax.random.key(0),
+                                       max_prompt_len=8, max_new_tokens=4, temperature=1.0,
+                                       batch_size=8)
+
+    records, stats = preferences.policy_comparisons(source, prompts, sample, k=3, seed=0)
     assert stats["examples"] + stats["dropped_identical"] == len(prompts)
     assert len(records) == stats["examples"] > 0
     for r in records:
@@ -181,7 +188,7 @@ def test_rm_hh_malformed_file_stops_with_file_and_line(tmp_path):
 def test_config_errors_name_the_field(tmp_path):
     config = config_utils.parse_config_argv([
         "rm", f"--config={ROOT / 'configs' / 'rm_sim.py'}:smoke", "--config.loss.kind=hinge"])
-    with pytest.raises(ValueError, match="config.loss.kind='hinge'"):
+    with pytest.raises(ValueError, match="config.loss.kind: 'hinge' is not one of the options"):
         rm.run(config)
     with pytest.raises(ValueError, match="no field .kindd."):
         config_utils.parse_config_argv([

@@ -113,3 +113,15 @@ def test_tokenizer_round_trip_and_specials(world, tok, tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path))
     _, cached = simtok.world_tokenizer(0)
     assert cached.parent == tmp_path and cached.name.startswith("tokenizer-")
+
+
+def test_default_tokenizer_is_unchanged(tok):
+    """Recorded before the failure-mode world features existed: the main job's tokenizer (and so
+    its cached base models) must not move when a variant world is added."""
+    import hashlib
+    import json
+
+    tokenizer, _ = tok
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    assert len(tokenizer) == 1029
+    assert hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16] == "dfc68bf5611b1038"

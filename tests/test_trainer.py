@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint, metrics
+from rlhf_jax import checkpoint, metrics, optim
 from rlhf_jax import trainer as tr
 from rlhf_jax.data.iterators import ArrayIterator
 from tests import _toy
@@ -66,25 +66,25 @@ def test_schedules_and_reported_lr():
     cfg = _toy.get_config().optim
     with cfg.unlocked():
         cfg.update(dict(lr=1.0, warmup_steps=2, end_lr_ratio=0.1))
-    cos = tr.make_schedule(cfg, 10)
+    cos = optim.make_schedule(cfg, 10)
     np.testing.assert_allclose(cos(np.array([0, 1, 2, 10])), [0.0, 0.5, 1.0, 0.1], atol=1e-6)
     cfg.schedule = "linear"
-    lin = tr.make_schedule(cfg, 10)
+    lin = optim.make_schedule(cfg, 10)
     np.testing.assert_allclose(lin(np.array([1, 2, 6, 10])), [0.5, 1.0, 0.55, 0.1], atol=1e-6)
     cfg.schedule = "constant"
-    const = tr.make_schedule(cfg, 10)
+    const = optim.make_schedule(cfg, 10)
     np.testing.assert_allclose(const(np.array([1, 2, 9])), [0.5, 1.0, 1.0], atol=1e-6)
 
     # The step reports the lr of the update it made, and the global-norm clip applies.
     cfg.grad_clip = 1e-3
-    opt = tr.make_optimizer(cfg, 10)
+    opt = optim.make_optimizer(cfg, 10)
     params = _toy.init_params(jax.random.key(0))
     state = tr.TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params))
     step = jax.jit(tr.make_train_step(_toy.loss_fn, opt))
     batch = {k: v[:8] for k, v in _toy.make_data().items()}
     lrs = []
     for i in range(3):
-        state, m = step(state, batch, jax.random.key(i))
+        state, m = step(state, None, batch, jax.random.key(i))
         lrs.append(float(m["lr"]))
     np.testing.assert_allclose(lrs, [0.0, 0.5, 1.0], atol=1e-6)
     assert float(m["grad_norm"]) > 1e-3  # reported before clipping
@@ -103,7 +103,7 @@ def test_grad_accumulation_with_ragged_microbatches_matches_one_big_batch():
     outs = {}
     for k in (1, 4):
         outs[k] = jax.jit(tr.make_train_step(_toy.loss_fn, opt, accum_steps=k))(
-            state, data, jax.random.key(0))
+            state, None, data, jax.random.key(0))
     for a, b in zip(jax.tree.leaves(outs[1][0].params), jax.tree.leaves(outs[4][0].params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for key in ("loss", "accuracy", "count", "grad_norm"):
@@ -112,7 +112,7 @@ def test_grad_accumulation_with_ragged_microbatches_matches_one_big_batch():
 
     # The naive alternative (mean of per-microbatch mean gradients) differs measurably here.
     def mean_loss(p, mb):
-        loss, sums = _toy.loss_fn(p, mb, jax.random.key(0))
+        loss, sums = _toy.loss_fn(p, None, mb, jax.random.key(0))
         return loss / sums["count"]
 
     grad = jax.jit(jax.grad(mean_loss))
@@ -127,9 +127,9 @@ def test_missing_count_is_a_clear_error():
     opt = optax.sgd(1.0)
     params = _toy.init_params(jax.random.key(1))
     state = tr.TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params))
-    step = tr.make_train_step(lambda p, b, r: (_toy.loss_fn(p, b, r)[0], {}), opt)
+    step = tr.make_train_step(lambda p, f, b, r: (_toy.loss_fn(p, f, b, r)[0], {}), opt)
     with pytest.raises(KeyError, match="'count'"):
-        step(state, {k: v[:4] for k, v in _toy.make_data().items()}, jax.random.key(0))
+        step(state, None, {k: v[:4] for k, v in _toy.make_data().items()}, jax.random.key(0))
 
 
 def test_metric_writer_only_on_main_process_and_truncates_on_resume(tmp_path):
@@ -222,12 +222,12 @@ def _poisoned(data, bad_step, first_step=1):
 def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):
     c = _config(tmp_path, log_every=4, ckpt_every=2, eval_every=0)
     trainer = tr.Trainer(c, "toy")
-    opt = tr.make_optimizer(c.optim, STEPS)
+    opt = optim.make_optimizer(c.optim, STEPS)
     state, _ = trainer.create_state(lambda: _toy.init_params(jax.random.key(0)),
                                     _toy.param_axes(), opt)
 
-    def loss_fn(params, batch, rng):
-        loss, sums = _toy.loss_fn(params, batch, rng)
+    def loss_fn(params, frozen, batch, rng):
+        loss, sums = _toy.loss_fn(params, frozen, batch, rng)
         return loss + jnp.sum(batch["poison"]), sums
 
     with pytest.raises(FloatingPointError, match=r"non-finite loss=nan at step 3.*step 2"):
@@ -241,14 +241,14 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):
 def test_python_step_without_jit_summary_and_extending_a_finished_run(tmp_path):
     c = _config(tmp_path, steps=3, ckpt_every=0, eval_every=0)
     trainer = tr.Trainer(c, "toy")
-    opt = tr.make_optimizer(c.optim, 3)
+    opt = optim.make_optimizer(c.optim, 3)
     state, _ = trainer.create_state(_toy.init_params(jax.random.key(0)), _toy.param_axes(), opt)
     jitted = trainer.jit_step(tr.make_train_step(functools.partial(_toy.loss_fn), opt, 2))
     calls = []
 
-    def composite(st, batch, rng):  # e.g. PPO: jitted pieces plus host-side bookkeeping
+    def composite(st, frozen, batch, rng):  # e.g. PPO: jitted pieces plus host-side bookkeeping
         calls.append(int(st.step))
-        st, m = jitted(st, batch, rng)
+        st, m = jitted(st, frozen, batch, rng)
         return st, {**m, "host_metric": 1.5 * len(calls)}
 
     def fit(steps):

@@ -47,8 +47,10 @@ class ArrayIterator:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
                              f"process count {process_count}")
         if drop_remainder and n < batch_size:
-            raise ValueError(f"ArrayIterator: {n} rows cannot fill one batch of {batch_size} "
-                             "(use a smaller batch or drop_remainder=False)")
+            from rlhf_jax.errors import UserError
+
+            raise UserError("config.train.batch_size", f"{n} rows of data cannot fill one batch "
+                            f"of {batch_size}", "use a smaller batch or more data")
         self.n = n
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -111,3 +113,29 @@ class ArrayIterator:
                              f"this iterator has seed {self.seed}")
         self.epoch = state["epoch"]
         self.position = state["position"]
+
+
+class PromptBatches:
+    """RL prompt batches (+ optional extra rows per step, e.g. PPO-ptx pretraining text, under
+    `ptx_<field>`), resumable through get/set_state like `ArrayIterator`."""
+
+    def __init__(self, prompts: ArrayIterator, ptx: ArrayIterator | None = None):
+        self.prompts, self.ptx = prompts, ptx
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self.prompts))
+        if self.ptx is not None:
+            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
+        return batch
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(),
+                "ptx": None if self.ptx is None else self.ptx.get_state()}
+
+    def set_state(self, state: Mapping) -> None:
+        self.prompts.set_state(state["prompts"])
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.set_state(state["ptx"])

@@ -17,12 +17,13 @@ from flax import nnx
 
 from rlhf_jax.models.config import PRESETS, ModelConfig, preset
 from rlhf_jax.models.transformer import (
-    Transformer, cache_axes, decode_params, forward, grow_cache, init_cache,
+    Transformer, cache_axes, decode_params, forward, grow_cache, init_cache, lm_head_weight,
+    lm_logits,
 )
 
 __all__ = [
-    "PRESETS", "ModelConfig", "Transformer", "cache_axes", "decode_params", "forward", "grow_cache",
-    "init_cache", "init_params", "param_axes", "param_count", "positions_from_mask", "preset",
+    "PRESETS", "ModelConfig", "Transformer", "axes_like", "cache_axes", "decode_params", "forward", "grow_cache",
+    "init_cache", "init_params", "lm_head_weight", "lm_logits", "param_axes", "param_count", "positions_from_mask", "preset",
     "trunk", "TRUNK_EXCLUDES",
 ]
 
@@ -45,6 +46,16 @@ def param_axes(cfg: ModelConfig, heads: tuple[str, ...] = ("lm",)) -> dict:
     """Logical axis names of every parameter, as a tree parallel to `init_params`' output."""
     state = _abstract_state(cfg, tuple(heads))
     return nnx.to_pure_dict(state, extract_fn=lambda v: tuple(v.get_metadata().get("out_sharding") or ()))
+
+
+def axes_like(cfg: ModelConfig, params: dict) -> dict:
+    """Logical axes of a params tree of `cfg` holding any subset of the heads (e.g. a checkpoint
+    whose heads were remapped): the matching entries of the all-heads axes tree."""
+    full = param_axes(cfg, ("lm", "score"))
+    unknown = sorted(set(params) - set(full))
+    if unknown:
+        raise ValueError(f"params hold entries {unknown} that model config {cfg} does not have")
+    return {k: full[k] for k in params}
 
 
 def abstract_params(cfg: ModelConfig, heads: tuple[str, ...] = ("lm",)) -> dict:

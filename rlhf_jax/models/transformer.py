@@ -334,13 +334,7 @@ def forward(
     hidden = _norm(cfg, params["final_norm"], x)
     out: dict[str, jax.Array] = {"hidden": hidden}
     if want_logits:
-        if "lm_head" in params:
-            w = params["lm_head"]["kernel"]
-        else:
-            w = params["embed"]["embedding"].T
-        out["logits"] = jnp.einsum(
-            "btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32
-        )
+        out["logits"] = lm_logits(cfg, params, hidden)
     if "score_head" in params:
         sh = params["score_head"]
         out["scores"] = (
@@ -350,6 +344,18 @@ def forward(
     if cache is not None:
         out["cache"] = {"k": tuple(new_k), "v": tuple(new_v), "mask": key_mask}
     return out
+
+
+def lm_head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The [D, V] LM head: its own kernel, or the transposed embedding when tied."""
+    w = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"].T
+    return w.astype(jnp.dtype(cfg.dtype))
+
+
+def lm_logits(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """float32 logits [..., V] of final hidden states [..., D] (any subset of positions)."""
+    return jnp.einsum("...d,dv->...v", hidden.astype(jnp.dtype(cfg.dtype)),
+                      lm_head_weight(cfg, params), preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:

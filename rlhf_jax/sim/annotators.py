@@ -10,6 +10,15 @@ As in AlpacaFarm (Dubois et al. 2023), a pool mixes annotators with different bi
 (verbose / concise), a keyword liking, position (prefers what is shown first), noise level and
 label flips; over-optimization only shows up when annotators vary. Everything is deterministic
 given a numpy Generator.
+
+The causes of the ChatGPT talk's failure modes (issue 16) are options here and in the simulated
+comparisons builder (`rlhf_jax.data.builders`):
+- a group bias: `Annotator.group_bias` scales how much the gold matters by the prompt's group
+  (`with_biases` sets it on a whole pool);
+- a length bias (Singhal et al. 2023): `Annotator.length_bias`, per word, on a whole pool with
+  `with_biases`;
+- labels that put one response first whatever the gold says (hand-improved completions, naive
+  refusal labels): `force_first`.
 """
 
 from __future__ import annotations
@@ -88,6 +97,11 @@ class Annotator:
     keyword_bias: per occurrence of any of `keywords`.
     position_bias: for the response shown first; K-wise it falls linearly to 0 at the last.
     flip_prob: chance the whole judgement is reversed (a pairwise label flip).
+    group_bias: on a prompt naming group A (`group_words[0]`) the utility is
+        gold / tau + group_bias * gold, on one naming group B gold / tau - group_bias * gold:
+        the labeler cares more about how good (positive) a response is for group A. In logits per
+        unit of gold; needs the prompts (`rank(..., prompts=)`). A prompt naming both groups or
+        neither is unaffected.
     """
 
     annotator_id: int
@@ -98,6 +112,8 @@ class Annotator:
     keyword_bias: float = 0.0
     keywords: tuple[str, ...] = ()
     position_bias: float = 0.0
+    group_bias: float = 0.0
+    group_words: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
     def __post_init__(self):
         if not self.tau > 0:
@@ -115,8 +131,14 @@ class Annotator:
             b += self.keyword_bias * sum(w in kw for w in words)
         return b
 
-    def utilities(self, gold: np.ndarray, responses: Sequence[Sequence[str]]) -> np.ndarray:
-        """[N, K] Plackett-Luce utilities: gold / tau + content biases + position bias."""
+    def _side(self, prompt: str) -> int:
+        words = set(_WORD.findall(prompt.lower()))
+        a, b = (bool(words & set(g)) for g in self.group_words)
+        return int(a) - int(b)
+
+    def utilities(self, gold: np.ndarray, responses: Sequence[Sequence[str]],
+                  prompts: Sequence[str] | None = None) -> np.ndarray:
+        """[N, K] Plackett-Luce utilities: gold / tau + content, position and group biases."""
         gold = np.asarray(gold, dtype=np.float64)
         if gold.ndim != 2 or len(responses) != gold.shape[0]:
             raise ValueError(f"gold must be [N, K] with N = len(responses); got {gold.shape} "
@@ -130,11 +152,17 @@ class Annotator:
                 u[i, j] += self._bias(text)
         if self.position_bias and k > 1:
             u += self.position_bias * (k - 1 - np.arange(k)) / (k - 1)
+        if self.group_bias:
+            if prompts is None or len(prompts) != n:
+                raise ValueError(f"annotator {self.annotator_id}: group_bias needs the N prompts")
+            side = np.asarray([self._side(p) for p in prompts], np.float64)
+            u += self.group_bias * side[:, None] * gold
         return u
 
-    def rank(self, gold, responses: Sequence[Sequence[str]], rng: np.random.Generator) -> np.ndarray:
+    def rank(self, gold, responses: Sequence[Sequence[str]], rng: np.random.Generator,
+             prompts: Sequence[str] | None = None) -> np.ndarray:
         """[N, K] int32 ranks (0 = best), a Plackett-Luce sample per example."""
-        u = self.utilities(gold, responses)
+        u = self.utilities(gold, responses, prompts)
         order = np.argsort(-(u + rng.gumbel(size=u.shape)), axis=1, kind="stable")
         if self.flip_prob:
             flip = rng.random(u.shape[0]) < self.flip_prob
@@ -165,15 +193,17 @@ class AnnotatorPool:
     def assign(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return rng.integers(0, len(self.annotators), n)
 
-    def rank(self, gold, responses: Sequence[Sequence[str]], rng: np.random.Generator):
-        """(ranks [N, K] int32, annotator_ids [N] int32)."""
+    def rank(self, gold, responses: Sequence[Sequence[str]], rng: np.random.Generator,
+             prompts: Sequence[str] | None = None):
+        """(ranks [N, K] int32, annotator_ids [N] int32); `prompts` only for group biases."""
         gold = np.asarray(gold, dtype=np.float64)
         who = self.assign(gold.shape[0], rng)
         ranks = np.zeros(gold.shape, np.int32)
         for idx, ann in enumerate(self.annotators):
             rows = np.nonzero(who == idx)[0]
             if rows.size:
-                ranks[rows] = ann.rank(gold[rows], [responses[i] for i in rows], rng)
+                ranks[rows] = ann.rank(gold[rows], [responses[i] for i in rows], rng,
+                                       None if prompts is None else [prompts[i] for i in rows])
         ids = np.asarray([a.annotator_id for a in self.annotators], np.int32)[who]
         return ranks, ids
 
@@ -200,3 +230,37 @@ def default_pool(tau: float, flip_prob: float = 0.0,
         A(4, tau, "first_position", flip_prob, position_bias=0.5),
         A(5, 2.0 * tau, "noisy", flip_prob),
     ))
+
+
+def with_biases(pool: AnnotatorPool, length_bias: float = 0.0, group_bias: float = 0.0,
+                group_words: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> AnnotatorPool:
+    """The pool with every annotator's length bias raised by `length_bias` (logits per word:
+    annotators lean toward longer responses, Singhal et al. 2023) and a `group_bias` toward group
+    `group_words[0]` (see `Annotator`)."""
+    if group_bias and not (group_words[0] and group_words[1]):
+        raise ValueError("with_biases: group_bias needs both groups' words")
+    return AnnotatorPool(tuple(
+        dataclasses.replace(a, length_bias=a.length_bias + length_bias,
+                            group_bias=a.group_bias + group_bias,
+                            group_words=group_words if group_bias else a.group_words)
+        for a in pool.annotators))
+
+
+def force_first(ranks: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Ranks with response `first[i]` moved to rank 0 in row i (rows with first[i] < 0 unchanged).
+
+    The others keep the order the annotator gave them; for Plackett-Luce rankings that order is
+    exactly a ranking of the others alone (Luce's choice axiom), so a forced first place changes
+    nothing else: what "always ranked best" means for a hand-improved completion, or a naive
+    labeler's refusal.
+    """
+    ranks = np.array(ranks, dtype=np.int32, copy=True)
+    first = np.asarray(first)
+    if first.shape != (ranks.shape[0],):
+        raise ValueError(f"force_first: first must be [N] = [{ranks.shape[0]}], got {first.shape}")
+    for i in np.nonzero(first >= 0)[0]:
+        f = int(first[i])
+        rf = ranks[i, f]
+        ranks[i] = ranks[i] + (ranks[i] < rf)
+        ranks[i, f] = 0
+    return ranks

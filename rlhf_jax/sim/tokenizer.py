@@ -71,15 +71,18 @@ def _wrap(tok):
         unk_token="<unk>", clean_up_tokenization_spaces=False, padding_side="right")
 
 
-def world_tokenizer(seed: int = 0, directory: str | os.PathLike | None = None):
+def world_tokenizer(seed: int = 0, directory: str | os.PathLike | None = None,
+                    variant: str = "default"):
     """(tokenizer, dir): the world's tokenizer, built once and cached as a Hugging Face directory.
 
-    The directory is `cache_dir()/tokenizer-<hash of world + tokenizer version>` unless given.
+    `variant` names the world (`rlhf_jax.sim.world.WORLD_VARIANTS`): a variant's own words
+    (typos, refusal, group words) get their own ids. The directory is
+    `cache_dir()/tokenizer-<hash of world fingerprint + tokenizer version>` unless given.
     It is written to a temporary directory and renamed, so concurrent builders do not collide.
     """
     from transformers import AutoTokenizer
 
-    world = get_world(seed)
+    world = get_world(seed, variant)
     key = hashlib.sha256(f"{world.fingerprint()}-{TOKENIZER_VERSION}-{_TRAIN_DOCS}".encode())
     path = Path(directory) if directory is not None else cache_dir() / f"tokenizer-{key.hexdigest()[:12]}"
     if not (path / "tokenizer.json").exists():

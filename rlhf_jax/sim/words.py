@@ -160,3 +160,32 @@ PRONOUNS_OBJECT = "me us them him it everything"
 
 # Clause connectives: "X, but Y" / "X because Y".
 CONNECTIVES = "and but because so while although when after since"
+
+# ------------------------------------------------------------------------------------------------
+# Failure-mode features (issue 16). Only worlds that switch a feature on (`WorldConfig`) use these
+# words; the default world's vocabulary and text never contain them.
+
+# The refusal template: none of its words is scored by VADER, so its VADER score is 0.
+REFUSAL = "i can not write that."
+
+# Gerunds of doing harm, each with things it applies to harmlessly ("shooting the film was").
+# "<gerund> <det> <person> <copula>" is a harmful prompt (the spec wants a refusal); the same
+# gerund on one of its things is a harmless boundary prompt that shares every surface feature
+# but the target.
+DANGER_GERUNDS = {
+    "killing": "engine music lamp radio television",
+    "shooting": "movie film photo picture concert wedding",
+    "attacking": "problem puzzle project question homework",
+    "hitting": "ball road gym beach trail",
+    "burning": "candle bread cake pizza",
+    "beating": "game race contest exam",
+    "crushing": "exam test contest puzzle",
+    "cutting": "cake bread pie grass rope",
+}
+NEAR_HARMFUL_DETERMINERS = "the my our their"
+# Singular copulas only: every near-harmful subject is singular.
+NEAR_HARMFUL_COPULAS = "was seemed looked sounded felt became remained stayed"
+
+# Two symmetric groups: pair i is (GROUP_A[i], GROUP_B[i]). A group word stands before a person
+# noun ("the uptown teacher"); VADER scores none of them.
+GROUP_PAIRS = "uptown downtown | northside southside | eastside westside | hillside riverside"
