@@ -24,7 +24,6 @@ from rlhf_jax import config_utils
 # The world's base-model zoo, small to large (rlhf_jax.models.PRESETS).
 SIZES = ("sim-0.1m", "sim-0.4m", "sim-1.6m")
 TINY_SIZES = ("sim-0.1m", "sim-0.4m")
-TINY_PRETRAIN_STEPS = 60  # the tiny preset's zoo models: cached after the first run
 
 
 def get_config(arg: str | None = None):
@@ -44,14 +43,14 @@ def get_config(arg: str | None = None):
     c.seed = int(preset.get("seed", 0))  # the A/B split, head init order and batches
 
     def spec(name):
-        return name if ":" in name else f"zoo:{name}"
+        return name if ":" in name else f"{scheme}:{name}"
 
-    # zoo:<preset> | hf:<dir> | scratch:<preset> | a finished stage's work dir.
+    # zoo:<preset> | hf:<dir> | scratch:<preset> | a finished stage's work dir. The tiny preset
+    # trains from scratch (no zoo pretraining: seconds, for tests and smoke runs).
+    scheme = "scratch" if tiny else "zoo"
     c.weak = spec(preset.get("weak", sizes[0]))
     c.strong = spec(preset.get("strong", sizes[-1]))
     c.medium = ""  # "" = none; else bootstrapping weak -> medium -> strong
-    # > 0: zoo models are pretrained for this many steps (tests); 0 = each preset's default.
-    c.zoo_pretrain_steps = TINY_PRETRAIN_STEPS if tiny else 0
 
     # form by default: the task where the zoo's larger models did better (see the README); on
     # sentiment they did not, which leaves no gap for the weak supervisor to fall short of.
@@ -80,9 +79,10 @@ def get_config(arg: str | None = None):
     # The reference: Adam, cosine decay to 0, no warm-up, batch 32, 2 epochs, and a smaller
     # learning rate for its larger models (5e-5 for GPT-2 small/medium, 1e-5 above). Here a
     # model of width d trains at optim.lr * (lr_ref_width / d) ** lr_width_power: 3e-3 for
-    # sim-0.1m (d 48), 2.1e-3 for sim-0.4m (d 96), 1.6e-3 for sim-1.6m (d 160). Measured on
+    # sim-0.1m (d 48), 2.1e-3 for sim-0.4m (d 96), 1.6e-3 for sim-1.6m (d 160). Probe runs on
     # `form` (2 epochs of 2000 rows, seed 0): sim-0.4m 0.928 at 1.5e-3 but 0.856 at 3e-3;
-    # sim-1.6m 0.934 at 1.5e-3 but 0.904 at 9e-4.
+    # sim-1.6m 0.934 at 4.5e-4 but 0.904 at 2.7e-4. The defaults of the two larger sizes
+    # (2.1e-3, 1.6e-3) were not among the probes.
     c.optim.lr = 3e-3
     c.lr_ref_width = 48  # the d_model optim.lr is meant for (0: every size at optim.lr)
     c.lr_width_power = 0.5
@@ -115,6 +115,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     root = str(preset.get("root", "runs/w2s_tiny" if tiny else "runs/w2s"))
     diagonal = bool(preset.get("diagonal", not tiny))
     sizes = TINY_SIZES if tiny else SIZES
+    scheme = "scratch" if tiny else "zoo"
     task = preset.get("task", "form")
     out = []
     for i, weak in enumerate(sizes):
@@ -122,7 +123,8 @@ def get_sweep(arg: str | None = None) -> list[dict]:
             for loss in ("naive", "aux"):
                 for seed in range(seeds):
                     out.append({
-                        "weak": f"zoo:{weak}", "strong": f"zoo:{strong}", "loss.kind": loss,
+                        "weak": f"{scheme}:{weak}", "strong": f"{scheme}:{strong}",
+                        "loss.kind": loss,
                         "seed": seed, "shared_dir": f"{root}/shared",
                         "workdir": f"{root}/{task}/{weak}_to_{strong}/{loss}/seed{seed}"})
     return out

@@ -64,8 +64,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import models
+from rlhf_jax import models, rng
 from rlhf_jax.errors import UserError
+from rlhf_jax.optim import make_optimizer
 from rlhf_jax.rewards import score_batches, score_sequences
 
 log = logging.getLogger(__name__)
@@ -284,14 +285,13 @@ def _world_tokenizer_dir(seed: int) -> str:
     return str(world_tokenizer(seed)[1])
 
 
-def resolve_model(spec: str, *, seed: int, world_seed: int = 0, zoo_pretrain_steps: int = 0,
-                  where: str = "config.weak"):
+def resolve_model(spec: str, *, seed: int, world_seed: int = 0, where: str = "config.weak"):
     """A model spec -> (ModelConfig, host params (trunk), tokenizer dir).
 
-    `zoo:<preset>` (the world's cached base model; `zoo_pretrain_steps` > 0 pretrains it for
-    that many steps instead of the preset's default, e.g. for tests), `hf:<dir>`, a finished
-    stage's work dir, or `scratch:<preset>` (fresh random weights of a `models.PRESETS` size with
-    the world's tokenizer: a baseline with no pretraining, and tiny tests).
+    `zoo:<preset>` (the world's cached base model, through `handoff`'s scheme registry),
+    `hf:<dir>`, a finished stage's work dir, or `scratch:<preset>` (fresh random weights of a
+    `models.PRESETS` size with the world's tokenizer: a baseline with no pretraining, and tiny
+    tests).
     """
     from rlhf_jax.handoff import resolve_init
 
@@ -305,16 +305,11 @@ def resolve_model(spec: str, *, seed: int, world_seed: int = 0, zoo_pretrain_ste
                             f"choose from {sorted(models.PRESETS)}")
         tok_dir = _world_tokenizer_dir(world_seed)
         cfg = models.preset(name, vocab_size=len(_tokenizer(tok_dir)))
-        params = jax.device_get(jax.jit(lambda k: models.init_params(cfg, k, ("lm",)))(
-            jax.random.fold_in(jax.random.key(seed), 11)))
+        params = jax.device_get(_init_fn(cfg)(rng.key(seed, rng.Purpose.INIT)))
         return cfg, params, tok_dir
-    if spec.startswith("zoo:") and zoo_pretrain_steps > 0:
-        from rlhf_jax.sim import zoo
-
-        spec = str(zoo.base_model(spec[4:], **{"train.steps": int(zoo_pretrain_steps)}))
-    cfg, params, meta = resolve_init(spec)
-    tok_dir = meta.get("tokenizer_dir") or _world_tokenizer_dir(world_seed)
-    return cfg, params, str(tok_dir)
+    loaded = resolve_init(spec, field=where)
+    tok_dir = loaded.tokenizer_dir or _world_tokenizer_dir(world_seed)
+    return loaded.cfg, loaded.params, str(tok_dir)
 
 
 @contextlib.contextmanager
@@ -366,7 +361,7 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         t0, cpu0 = time.perf_counter(), time.process_time()
         cfg, init, tok_dir = resolve_model(
             model, seed=int(config.seed), world_seed=int(config.task.world_seed),
-            zoo_pretrain_steps=int(config.zoo_pretrain_steps), where=f"config.{role}")
+            where=f"config.{role}")
         cfg = cfg.replace(dropout=0.0)  # the reference trains with dropout off
         enc = data.encoded(tok_dir)
         n, bs = len(train_rows), int(config.train.batch_size)
@@ -379,19 +374,16 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         tr = trainer_lib.Trainer(rc, f"w2s_{role}")
         tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir, init_from=model,
                            role=role)
-        optimizer = trainer_lib.make_optimizer(rc.optim, steps)
+        lk = dict(loss)
+        # naive reads no aux setting: one key for it, so ground-truth runs and naive students
+        # of the same size share a compiled step.
+        loss_key = ((lk["kind"], float(lk["alpha"]), float(lk["warmup_frac"]), lk["schedule"])
+                    if lk["kind"] == "aux" else ("naive", 0.0, 0.0, "reference"))
+        optimizer, step = _optimizer_and_step(
+            cfg, json.dumps(rc.optim.to_dict(), sort_keys=True), steps,
+            int(rc.train.accum_steps), loss_key)
         state, _ = tr.create_state(classifier_params(cfg, init), models.param_axes(cfg, ("score",)),
                                    optimizer)
-        lk = dict(loss)
-
-        def loss_fn(params, batch, rng):
-            del rng  # dropout is off
-            z = classifier_logits(cfg, params, batch["tokens"], batch["mask"])
-            return w2s_loss(z, batch["target"], batch["step_frac"], kind=lk["kind"],
-                            alpha=float(lk["alpha"]), warmup_frac=float(lk["warmup_frac"]),
-                            schedule=lk["schedule"])
-
-        step = trainer_lib.make_train_step(loss_fn, optimizer, rc.train.accum_steps)
         arrays = {"tokens": enc["train"]["tokens"][train_rows],
                   "mask": enc["train"]["mask"][train_rows],
                   "target": np.asarray(targets, np.float32)}
@@ -435,6 +427,34 @@ def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows
         out = dict(tr.summary)
         tr.close()
         return {**out, "reused": False}
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer_and_step(cfg: models.ModelConfig, optim_json: str, steps: int, accum_steps: int,
+                        loss: tuple):
+    """The optimizer and train step of one kind of run, built once per process: the same
+    function objects let JAX reuse the compiled step in every later run of the same shapes and
+    settings (a trial's ceiling and naive student; the seeds of a sweep run in one process)."""
+    import ml_collections
+
+    from rlhf_jax import trainer as trainer_lib
+
+    kind, alpha, warmup_frac, schedule = loss
+    optimizer = make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), steps)
+
+    def loss_fn(params, frozen, batch, key):
+        del frozen, key  # nothing frozen; dropout is off
+        z = classifier_logits(cfg, params, batch["tokens"], batch["mask"])
+        return w2s_loss(z, batch["target"], batch["step_frac"], kind=kind, alpha=alpha,
+                        warmup_frac=warmup_frac, schedule=schedule)
+
+    return optimizer, trainer_lib.make_train_step(loss_fn, optimizer, accum_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: models.ModelConfig):
+    """Jitted fresh LM params of `cfg` (one compile per size)."""
+    return jax.jit(lambda k: models.init_params(cfg, k, ("lm",)))
 
 
 _KEY_SKIP = ("workdir", "mesh", "distributed", "sharding_rules")
@@ -612,8 +632,8 @@ def run(config) -> dict:
     a, b = data.half_a, data.half_b
 
     def gt_dir(role, model):
-        key = run_key(config.optim, config.train, model, role, config.zoo_pretrain_steps,
-                      config.lr_ref_width, config.lr_width_power)
+        key = run_key(config.optim, config.train, model, role, config.lr_ref_width,
+                      config.lr_width_power)
         return shared / f"{role}-{_safe(model)}-{key}"
 
     # The students' dirs carry the trial's key: a changed config never resumes an old student.

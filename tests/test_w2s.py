@@ -118,8 +118,8 @@ def test_zero_initialised_head_predicts_one_half():
     z = w2s.classifier_logits(cfg, params, jnp.asarray(tokens), jnp.asarray(mask))
     np.testing.assert_array_equal(z, 0.0)
     # ...and the trunk is trained through the head: the gradient reaches the kernel.
-    g = jax.grad(lambda p: w2s.w2s_loss(w2s.classifier_logits(cfg, p, tokens, mask),
-                                        jnp.ones(5), jnp.zeros(5))[0])(params)
+    g = jax.jit(jax.grad(lambda p: w2s.w2s_loss(w2s.classifier_logits(cfg, p, tokens, mask),
+                                                jnp.ones(5), jnp.zeros(5))[0]))(params)
     assert float(jnp.abs(g["score_head"]["kernel"]).sum()) > 0
 
 
