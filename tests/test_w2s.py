@@ -223,6 +223,10 @@ def test_sweep_lists_every_pair_loss_and_seed_and_each_override_applies():
     order = {f"zoo:{s}": i for i, s in enumerate(w2s_sim.SIZES)}
     assert all(order[t["weak"]] <= order[t["strong"]] for t in sweep)
     assert len({t["workdir"] for t in sweep}) == len(sweep)
+    # The tiny preset trains scratch models (no zoo pretraining) and leaves out weak == strong.
+    tiny = w2s_sim.get_sweep("tiny")
+    assert len(tiny) == 2 * 2 and all(t["weak"] == "scratch:sim-0.1m" for t in tiny)
+    assert w2s_sim.get_config("tiny").strong == "scratch:sim-0.4m"
     base = w2s_sim.get_config()
     for t in sweep[:4]:
         for key in t:
