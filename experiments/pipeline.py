@@ -53,6 +53,31 @@ def _child(stage_cfg, **fields):
     return c
 
 
+def validate(config) -> None:
+    """Every stage's config, before the first stage starts (a typo in the last stage's config
+    should not cost the minutes of the stages before it)."""
+    import jax
+
+    from rlhf_jax import config_utils, rm
+
+    stages = {"sft": config.sft, "rm": config.rm}
+    for name in method_names(config):
+        module, field, _ = METHODS[name]
+        if module is not None:
+            stages[name] = config[field]
+    for name, stage_cfg in stages.items():
+        cfg = _child(stage_cfg, init_from="<sft>", reward_from="<rm>") \
+            if "reward_from" in stage_cfg else _child(stage_cfg, init_from="<sft>")
+        if cfg.train.get("epochs", 0) > 0:  # steps come from the data: any count >= warmup
+            config_utils.set_dotted(cfg, "train.steps", max(cfg.train.steps,
+                                                            cfg.optim.warmup_steps, 1))
+        config_utils.validate(cfg, jax.device_count())
+        module = rm if name == "rm" else (importlib.import_module(METHODS[name][0])
+                                          if name in METHODS else None)
+        if module is not None and hasattr(module, "validate_config"):
+            module.validate_config(cfg)
+
+
 def run_stages(config) -> dict[str, Path]:
     """Run (or reuse) every stage; returns their work dirs."""
     from rlhf_jax import rm, sft
@@ -90,6 +115,7 @@ def run(config) -> dict:
     root = Path(config.workdir)
     root.mkdir(parents=True, exist_ok=True)
     names = method_names(config)
+    validate(config)
     dirs = run_stages(config)
     t_stages = time.perf_counter() - t0
     policies = {n: (lib.BestOfN(int(config.bon.n)) if n == "bon" else dirs[n]) for n in names}

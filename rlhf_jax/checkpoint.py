@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, META, PARAMS = "state", "data", "meta", "params"
@@ -123,6 +125,49 @@ def _remove_unfinished_saves(directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_RESTORE_FIX = ("it was saved by a different model or optimizer config: resume with the config "
+                "in the work dir's config.json, or start a new --config.workdir")
+
+
+def _path_names(path) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _tree_mismatch(stored, abstract) -> str:
+    """'' when `stored` (checkpoint metadata) and `abstract` have the same leaves and shapes,
+    else a short description of the first differences (paths joined with '/')."""
+    if stored is None:
+        return ""
+    try:
+        have = {_path_names(p): tuple(getattr(x, "shape", ()) or ())
+                for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        want = {_path_names(p): tuple(getattr(x, "shape", ()) or ())
+                for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    except Exception:  # noqa: BLE001 - unknown metadata layout: leave it to the restore
+        return ""
+    problems = []
+    for path in sorted(set(want) - set(have))[:2]:
+        problems.append(f"{'/'.join(path)} is not in the checkpoint")
+    for path in sorted(set(have) - set(want))[:2]:
+        problems.append(f"the checkpoint has {'/'.join(path)}, this run does not")
+    for path in sorted(set(have) & set(want)):
+        if have[path] != want[path] and len(problems) < 3:
+            problems.append(f"{'/'.join(path)} has shape {have[path]} in the checkpoint, "
+                            f"{want[path]} here")
+    extra = len(set(want) ^ set(have)) + sum(have[p] != want[p] for p in set(have) & set(want))
+    if extra > len(problems):
+        problems.append(f"{extra - len(problems)} more")
+    return "; ".join(problems)
+
+
 class Checkpointer:
     """Rolling checkpoints of (train state, iterator state, metadata) in `workdir/checkpoints`."""
 
@@ -158,10 +203,20 @@ class Checkpointer:
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state, step: int | None = None):
-        """→ (state, data_state, metadata), the state placed per `abstract_state`'s shardings."""
+        """→ (state, data_state, metadata), the state placed per `abstract_state`'s shardings.
+
+        A checkpoint whose tree or shapes differ from `abstract_state` (another model size or
+        optimizer) raises a `UserError` naming the checkpoint and the first differences, before
+        Orbax reads any array.
+        """
         step = self.latest_step() if step is None else step
+        where = f"{self.directory}/{step}"
         if step is None:
-            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+            raise UserError(str(self.directory), "holds no finished checkpoint")
+        mismatch = _tree_mismatch(self._stored_tree(step), abstract_state)
+        if mismatch:
+            raise UserError(where, f"does not fit this run's train state ({mismatch})",
+                            _RESTORE_FIX)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardRestore(abstract_state),
@@ -169,14 +224,24 @@ class Checkpointer:
                 META: ocp.args.JsonRestore(),
             }))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot restore {self.directory}/{step} into the current train "
-                             f"state (different model or optimizer config?): {e}") from e
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise UserError(where, f"cannot be restored into this run's train state: {first}",
+                            _RESTORE_FIX) from e
         return out[STATE], dict(out[DATA] or {}), dict(out[META] or {})
+
+    def _stored_tree(self, step: int):
+        """The saved state's tree of array metadata (shapes), or None if it cannot be read."""
+        try:
+            meta = self.manager.item_metadata(step)[STATE]
+        except Exception as e:  # noqa: BLE001 - only a pre-check; the restore reports errors
+            log.debug("no item metadata for %s/%s: %s", self.directory, step, e)
+            return None
+        return getattr(meta, "tree", meta)
 
     def _restore_json(self, item: str, step: int | None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+            raise UserError(str(self.directory), "holds no finished checkpoint")
         out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
         return dict(out[item] or {})
 
@@ -210,17 +275,29 @@ def _final_dir(path: str | Path) -> Path:
     return path if path.name == FINAL_DIR else path / FINAL_DIR
 
 
-def save_final(workdir: str | Path, params, metadata: Mapping, step: int) -> Path:
-    """Write a finished stage's params + metadata to `workdir/final` (synchronously)."""
+def save_final(workdir: str | Path, params, metadata: Mapping, step: int, *,
+               overwrite: bool = False) -> Path:
+    """Write a finished stage's params + metadata to `workdir/final` (synchronously).
+
+    `final/` keeps one step: a later step replaces an earlier one. If `final/<step>` already
+    exists, this raises a `UserError` unless `overwrite=True`, which deletes `final/` first, so
+    what is read back afterwards is always what was written now (never a stale save).
+    """
     _configure_array_handler()
     directory = _final_dir(workdir)
+    step = int(step)
+    if final_step(directory) is not None and step in ocp.utils.checkpoint_steps(directory):
+        if not overwrite:
+            raise UserError(str(directory / str(step)), "already exists",
+                            "pass overwrite=True (convert: --overwrite) to replace it")
+        if jax.process_index() == 0:
+            shutil.rmtree(directory)
     mgr = _final_manager(directory, read_only=False)
     try:
-        if int(step) not in mgr.all_steps():
-            mgr.save(int(step), force=True, args=ocp.args.Composite(**{
-                PARAMS: ocp.args.StandardSave(params),
-                META: ocp.args.JsonSave({"step": int(step), **jsonable(dict(metadata))}),
-            }))
+        mgr.save(step, force=True, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params),
+            META: ocp.args.JsonSave({"step": step, **jsonable(dict(metadata))}),
+        }))
         mgr.wait_until_finished()
     finally:
         mgr.close()
@@ -273,10 +350,14 @@ def load_stage_params(path: str | Path,
     directory = _final_dir(path)
     if not stage_is_complete(path):
         ckpt = Path(path).absolute() / CHECKPOINT_DIR
-        hint = (f"; it has rolling checkpoints in {ckpt} — the stage was interrupted, rerun it "
-                "to finish" if ckpt.is_dir() else "")
-        raise FileNotFoundError(f"init_from={str(path)!r}: no finished stage output at "
-                                f"{directory}{hint}")
+        if not Path(path).exists():
+            raise UserError(str(path), "no such directory",
+                            "give the work dir of a finished stage (or zoo:<preset> / hf:<dir>)")
+        if ckpt.is_dir():
+            raise UserError(str(path), f"the stage was interrupted: no {FINAL_DIR}/ yet, only "
+                            f"rolling checkpoints in {ckpt}", "rerun that stage to finish it")
+        raise UserError(str(path), f"no finished stage output ({directory} is missing)",
+                        "give the work dir of a finished stage (or zoo:<preset> / hf:<dir>)")
     mgr = _final_manager(directory, read_only=True)
     try:
         step = mgr.latest_step()

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from rlhf_jax.errors import UserError
+
 OPTIM_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -89,29 +91,66 @@ def parse_preset(arg: str | None) -> dict:
             if i == 0 and "preset" not in out:
                 out["preset"] = item.strip()
                 continue
-            raise ValueError(f"config preset {arg!r}: item {item!r} is not key=value "
-                             "(expected e.g. 'model=small,steps=10')")
+            raise UserError(f"--config=...:{arg}", f"item {item!r} is not key=value",
+                            "write presets as e.g. 'model=small,steps=10'")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key.isidentifier():
-            raise ValueError(f"config preset {arg!r}: {key!r} is not a valid field name")
+            raise UserError(f"--config=...:{arg}", f"{key!r} is not a valid field name")
         if key in out:
-            raise ValueError(f"config preset {arg!r}: {key!r} given twice")
+            raise UserError(f"--config=...:{arg}", f"{key!r} given twice")
         out[key] = _parse_value(value)
     return out
 
 
+# Preset keys that may also be given as a bare word (`configs/x.py:smoke` = `:smoke=True`).
+BARE_PRESETS = ("smoke", "tiny")
+
+
 def check_preset_keys(preset: dict, allowed: Sequence[str], config_file: str = "config"):
-    """Fail on preset keys a `get_config` does not understand (they would be silently ignored)."""
+    """Fail on preset keys a `get_config` does not understand (they would be silently ignored).
+
+    A bare word (`:smoke`) must be one of `BARE_PRESETS` that the file allows.
+    """
+    where = f"--config={Path(config_file).name}"
     unknown = sorted(set(preset) - set(allowed))
     if unknown:
-        raise ValueError(f"{config_file}: unknown preset key(s) {unknown}; allowed: "
-                         f"{sorted(allowed)}")
+        raise UserError(where, f"unknown preset key(s) {unknown}",
+                        f"allowed: {sorted(k for k in allowed if k != 'preset')}")
+    bare = preset.get("preset")
+    words = [k for k in BARE_PRESETS if k in allowed]
+    if bare is not None and bare not in words:
+        raise UserError(where, f"unknown preset {bare!r}",
+                        f"bare presets here: {words or 'none'}; other keys take key=value")
 
 
 def is_smoke(preset: dict) -> bool:
     """`:smoke` or `:smoke=True`: the config's two-step smoke-test variant."""
     return bool(preset.get("smoke")) or preset.get("preset") == "smoke"
+
+
+def _config_file_error(argv: list[str], name: str) -> UserError | None:
+    """Run the `--<name>=file.py[:arg]` file's `get_config` again to recover the error that the
+    flag machinery turned into traceback text (a UserError it raised, or what it raised)."""
+    import importlib.util
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    where = f"--{name}={spec}"
+    try:
+        module_spec = importlib.util.spec_from_file_location("_rlhf_jax_config_check", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            return UserError(where, f"{path} defines no get_config(arg)")
+        module.get_config(*([arg] if arg else []))
+    except UserError as e:
+        return e
+    except Exception as e:  # noqa: BLE001 - reported with its type, then the caller raises
+        return UserError(where, f"get_config failed: {type(e).__name__}: {e}")
+    return None
 
 
 def _parse(argv: list[str], name: str):
@@ -125,8 +164,8 @@ def _parse(argv: list[str], name: str):
     return fv[name].value
 
 
-def _unknown_override(config, argv: list[str], name: str) -> str | None:
-    """Describe the first `--<name>.a.b=v` whose path is not a field of `config`."""
+def _unknown_override(config, argv: list[str], name: str) -> tuple[str, str, str] | None:
+    """(where, what, fix) of the first `--<name>.a.b=v` whose path is not a field of `config`."""
     import difflib
 
     for arg in argv:
@@ -139,9 +178,9 @@ def _unknown_override(config, argv: list[str], name: str) -> str | None:
             if part not in fields:
                 where = ".".join([name] + parts[:i])
                 close = difflib.get_close_matches(part, fields, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                return (f"{arg}: {where} has no field {part!r}{hint} "
-                        f"(fields: {', '.join(fields) or 'none, it is not a ConfigDict'})")
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                return (arg, f"{where} has no field {part!r}",
+                        f"{hint}(fields: {', '.join(fields) or 'none, it is not a ConfigDict'})")
             node = node[part]
     return None
 
@@ -150,40 +189,80 @@ def parse_config_argv(argv: Sequence[str], name: str = "config") -> ml_collectio
     """Parse `--config=file.py:arg --config.a.b=v ...` from `argv` (argv[0] = program name).
 
     Uses the real absl/ml_collections flag machinery on a private FlagValues, and re-raises its
-    errors as ValueError naming the offending `--config.<field>`.
+    errors as a `UserError` naming the offending `--config.<field>` (or the config file).
     """
     from absl import flags
 
     argv = list(argv)
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
+    if spec is not None and not Path(spec.partition(":")[0]).is_file():
+        # (ml_collections would hand back a placeholder that fails only when first read.)
+        raise UserError(f"--{name}={spec}", f"no such config file {spec.partition(':')[0]!r}",
+                        "give --config=<file.py>[:preset], e.g. configs/sft_sim.py")
     try:
         config = _parse(argv, name)
     except (AttributeError, KeyError) as e:  # an override names no field of the locked config
         base = _parse([a for a in argv if not a.startswith(f"--{name}.")], name)
-        msg = _unknown_override(base, argv, name)
-        raise ValueError(msg or f"bad config override in {argv[1:]}: {e}") from e
-    except flags.Error as e:
-        raise ValueError(str(e)) from e
+        found = _unknown_override(base, argv, name)
+        if found:
+            raise UserError(*found) from e
+        raise UserError(f"--{name}", f"bad config override in {argv[1:]}: {e}") from e
+    except (flags.Error, OSError) as e:
+        file_error = _config_file_error(argv, name)
+        if file_error is not None:
+            raise file_error from e
+        text = str(e).strip()
+        flag = text[len("flag "):].split(": ", 1)[0] if text.startswith("flag ") else f"--{name}"
+        raise UserError(flag.split("=", 1)[0] if "=" in flag else flag,
+                        text.split(": ", 1)[1] if text.startswith("flag ") else text) from e
     if config is None:
-        raise ValueError(f"--{name}=<file.py[:arg]> is required")
+        raise UserError(f"--{name}", "is required", f"give --{name}=<file.py[:preset]>")
     return config
 
 
-def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str = "config"):
+def run_stage(run: Callable[[ml_collections.ConfigDict], dict],
+              keys: Sequence[str] | None = None) -> None:
+    """`python -m rlhf_jax.<stage>`: `run(config)` through `run_with_config`, then print the
+    summary's `keys` (all of it when None) as JSON."""
+    def main(config):
+        from rlhf_jax.metrics import to_python
+
+        summary = run(config)
+        shown = summary if keys is None else {k: summary[k] for k in keys if k in summary}
+        print(json.dumps(to_python(shown), indent=2, default=str))
+        return summary
+
+    run_with_config(main)
+
+
+def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str = "config",
+                    argv: Sequence[str] | None = None):
     """Entry point: `absl.app.run` whose argv is `--config=file.py:arg --config.a.b=v ...`.
 
-    A bad override exits with status 2 and one line naming the field (no traceback).
+    Every stage (`python -m rlhf_jax.<stage>`) and experiment goes through here, so they share
+    one error surface (`rlhf_jax.errors`): a bad override, config file or any `UserError`
+    raised while `main` runs exits with status 2 and one stderr line naming the field or file
+    (`--verbose`: with the traceback); any other exception keeps its traceback (exit 1).
+
+    Also understood: `--allow_config_change=a.b,c.d` lets this run continue a work dir whose
+    recorded config differs in those fields (`rlhf_jax.provenance`).
     """
     from absl import app, flags
     from absl import logging as absl_logging
 
+    from rlhf_jax import errors, provenance
+
+    argv = list(sys.argv if argv is None else argv)
+    argv, verbose = errors.pop_verbose(argv)
+    argv, allowed = provenance.pop_allow_flag(argv)
     parsed = {}
 
     def parser(argv):
         try:
             parsed["config"] = parse_config_argv(argv, name)
-        except ValueError as e:
-            sys.stderr.write(f"config error: {e}\n")
-            sys.exit(2)
+        except UserError as e:
+            errors.print_user_error(e, verbose)
+            sys.exit(errors.EXIT_USER_ERROR)
         flags.FLAGS.mark_as_parsed()  # absl logging reads FLAGS
         return argv[:1]
 
@@ -192,12 +271,13 @@ def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str 
         # Orbax logs every save step at INFO through absl; keep the console to warnings.
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("rlhf_jax").setLevel(logging.INFO)
-        main(parsed["config"])
+        provenance.allow_changes(allowed)
+        errors.report_user_errors(main, parsed["config"], verbose=verbose)
         # absl's app.run exits with whatever `run` returns; a stage's summary dict would be
         # printed to stderr and turned into exit status 1.
         return 0
 
-    app.run(run, flags_parser=parser)
+    app.run(run, argv=argv, flags_parser=parser)
 
 
 def config_to_dict(config) -> dict:
@@ -221,38 +301,40 @@ def validate(config, n_devices: int) -> None:
     for field in ("steps", "batch_size", "accum_steps", "log_every", "keep_checkpoints"):
         value = t[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.train.{field}={value!r} must be an int >= 1")
+            raise UserError(f"config.train.{field}", f"{value!r} must be an int >= 1")
     for field in ("eval_every", "ckpt_every", "eval_batches"):
         value = t[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"config.train.{field}={value!r} must be an int >= 0 (0 = off)")
+            raise UserError(f"config.train.{field}", f"{value!r} must be an int >= 0 (0 = off)")
     if t.batch_size % t.accum_steps:
-        raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
-                         f"config.train.accum_steps={t.accum_steps}")
+        raise UserError("config.train.batch_size", f"{t.batch_size} is not divisible by "
+                        f"config.train.accum_steps={t.accum_steps}")
     micro = t.batch_size // t.accum_steps
     shards = data * fsdp
     if micro % shards:
         fit = t.accum_steps * shards
-        raise ValueError(
-            f"config.train.batch_size={t.batch_size}: each microbatch (batch_size/accum_steps = "
-            f"{micro} rows) must split evenly over the data×fsdp = {data}×{fsdp} = {shards} batch "
-            f"shards of config.mesh; use a batch_size that is a multiple of {fit}")
+        raise UserError(
+            "config.train.batch_size",
+            f"{t.batch_size}: each microbatch (batch_size/accum_steps = {micro} rows) must split "
+            f"evenly over the data×fsdp = {data}×{fsdp} = {shards} batch shards of config.mesh",
+            f"use a batch_size that is a multiple of {fit}")
     o = config.optim
     if o.schedule not in OPTIM_SCHEDULES:
-        raise ValueError(f"config.optim.schedule={o.schedule!r} must be one of {OPTIM_SCHEDULES}")
+        raise UserError("config.optim.schedule", f"{o.schedule!r} must be one of "
+                        f"{OPTIM_SCHEDULES}")
     if not o.lr >= 0:
-        raise ValueError(f"config.optim.lr={o.lr!r} must be >= 0")
+        raise UserError("config.optim.lr", f"{o.lr!r} must be >= 0")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be in "
-                         f"[0, config.train.steps={t.steps}]")
+        raise UserError("config.optim.warmup_steps", f"{o.warmup_steps} must be in "
+                        f"[0, config.train.steps={t.steps}]")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
-        raise ValueError(f"config.optim.b1={o.b1}, b2={o.b2} must be in [0, 1)")
+        raise UserError("config.optim.b1", f"b1={o.b1}, b2={o.b2} must be in [0, 1)")
     if o.grad_clip < 0:
-        raise ValueError(f"config.optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
+        raise UserError("config.optim.grad_clip", f"{o.grad_clip} must be >= 0 (0 = off)")
     if o.weight_decay < 0:
-        raise ValueError(f"config.optim.weight_decay={o.weight_decay} must be >= 0")
+        raise UserError("config.optim.weight_decay", f"{o.weight_decay} must be >= 0")
     if not config.workdir:
-        raise ValueError("config.workdir is empty; give --config.workdir=<dir>")
+        raise UserError("config.workdir", "is empty", "give --config.workdir=<dir>")
     rules = config.get("sharding_rules")
     sharding.rules_from_config({"sharding_rules": rules})
 
@@ -286,6 +368,18 @@ def policy_eval_config(**overrides) -> ml_collections.ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def check_choice(config, path: str, choices: Sequence[str]) -> None:
+    """Fail with a UserError naming `config.<path>` unless its value is one of `choices`."""
+    from rlhf_jax.errors import UserError
+
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    if node not in choices:
+        raise UserError(f"config.{path}", f"{node!r} is not one of the options",
+                        f"use one of {tuple(choices)}")
 
 
 def check_number(config, path: str, kind=(int, float), *, strict: bool = True,

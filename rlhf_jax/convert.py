@@ -4,6 +4,12 @@
     python -m rlhf_jax.convert orbax-to-hf --src WORKDIR --dst HF_DIR [--dtype bfloat16]
                                            [--tokenizer-dir DIR] [--no-verify]
 
+Both refuse a non-empty destination unless `--overwrite` is given, which deletes the
+destination first, so nothing stale survives; both then read what they wrote back and check it
+bit for bit against what they meant to write (`--no-verify` skips this). Mistakes in the
+arguments or inputs print one line, `error: <flag or file>: ...`, and exit 2 (`--verbose`: with
+the traceback).
+
 `hf-to-orbax` writes WORKDIR/final like a finished stage (params + metadata with `model_config`
 and `tokenizer_dir`), so any stage can start from it with `--config.init_from=WORKDIR`.
 `orbax-to-hf` exports a stage's final params to a directory that
@@ -21,12 +27,15 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, models
+from rlhf_jax import checkpoint, errors, models
+from rlhf_jax.errors import UserError
 from rlhf_jax.models import hf
 from rlhf_jax.models.config import DTYPES
 
@@ -43,11 +52,11 @@ def _has_tokenizer(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
 
 
-def _special_token_ids(tokenizer_dir: str) -> dict:
+def _special_token_ids(tokenizer_dir: str, where: str) -> dict:
     """bos/eos/pad ids for config.json, so HF generation stops where our models stop."""
-    from transformers import AutoTokenizer
+    from rlhf_jax.data.tokenize import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir, where)
     ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
     return {k: int(v) for k, v in ids.items() if v is not None}
 
@@ -59,8 +68,69 @@ def _summary(cfg: models.ModelConfig, params) -> str:
             f"dtype={cfg.param_dtype}, tied={cfg.tie_embeddings}, heads={heads or ['(tied lm)']}")
 
 
-def hf_to_orbax(src: str, dst: str, dtype: str | None = "float32") -> str:
-    """Import a Hugging Face directory as a finished stage in work dir `dst`."""
+def check_destination(dst: str, overwrite: bool, flag: str = "--dst",
+                      keep: tuple[str | None, ...] = ()) -> bool:
+    """Refuse a non-empty `dst` unless `overwrite`. Returns whether it must be cleared first.
+
+    Called before any work, so a refused command costs nothing. With `overwrite`, the
+    filesystem root, the home directory and the current directory or its parents are still
+    refused (a mistyped `--dst .` must not wipe a checkout).
+    """
+    path = Path(dst)
+    if path.exists() and not path.is_dir():
+        raise UserError(flag, f"{dst} exists and is not a directory", "choose a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    entries = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    if not overwrite:
+        raise UserError(flag, f"{dst} is not empty (holds {shown})",
+                        "pass --overwrite to replace its contents, or choose another " + flag)
+    real = path.resolve()
+    for other in filter(None, keep):  # inputs this command still reads
+        o = Path(other).resolve()
+        if o == real or real in o.parents:
+            raise UserError(flag, f"{dst} holds {other}, an input of this command",
+                            "choose another " + flag)
+    cwd = Path.cwd().resolve()
+    if real == Path(real.anchor) or real == Path.home().resolve() or real in (cwd, *cwd.parents):
+        raise UserError(flag, f"refusing to delete {real} (the root, home or current directory "
+                        "or a parent of it)", "give a dedicated output directory")
+    return True
+
+
+def _clear(dst: str) -> None:
+    """Delete `dst` (after `check_destination` allowed it), so no old file survives."""
+    if jax.process_index() == 0 and os.path.isdir(dst):
+        shutil.rmtree(dst)
+
+
+def _check_same(written, back, what: str, dst: str) -> None:
+    """Every leaf of `back` (read from `dst`) equals `written` bit for bit."""
+    flat = jax.tree_util.tree_flatten_with_path(written)[0]
+    back_flat = dict(jax.tree_util.tree_flatten_with_path(back)[0])
+    if len(flat) != len(back_flat):
+        raise RuntimeError(f"{what} check: {dst} holds {len(back_flat)} tensors, expected "
+                           f"{len(flat)}")
+    for path, x in flat:
+        y = back_flat.get(path)
+        if y is None or np.asarray(x).dtype != np.asarray(y).dtype or not np.array_equal(
+                np.asarray(x), np.asarray(y)):
+            raise RuntimeError(f"{what} check: {jax.tree_util.keystr(path)} changed on the way "
+                               f"to {dst}")
+
+
+def hf_to_orbax(src: str, dst: str, dtype: str | None = "float32", *, overwrite: bool = False,
+                verify: bool = True) -> str:
+    """Import a Hugging Face directory as a finished stage in work dir `dst`.
+
+    A non-empty `dst` is refused unless `overwrite` (then it is deleted first); `verify` reads
+    the written params back and checks them bit for bit.
+    """
+    if not os.path.isdir(src):
+        raise UserError("--src", f"{src} is not a directory",
+                        "give a Hugging Face model directory (config.json + model.safetensors)")
+    clear = check_destination(dst, overwrite, keep=(src,))
     cfg, params = hf.load_hf(src, dtype=dtype)
     params = jax.device_get(params)
     src = os.path.abspath(src)
@@ -75,23 +145,38 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = "float32") -> str:
         with open(norm_path) as f:
             norm = json.load(f)
         if not (isinstance(norm, dict) and {"gain", "bias"} <= set(norm)):
-            raise ValueError(f"{norm_path} must hold a JSON object with 'gain' and 'bias'")
+            raise UserError(norm_path, "must hold a JSON object with 'gain' and 'bias'")
         meta["reward_norm"] = norm
     if meta["tokenizer_dir"] is None:
         log.warning("%s has no tokenizer files; stages starting from %s need --config.tokenizer",
                     src, dst)
+    if clear:
+        _clear(dst)
     out = checkpoint.save_final(dst, params, meta, step=0)
-    print(f"wrote {out}: {_summary(cfg, params)}")
+    if verify:
+        back, back_meta = checkpoint.load_stage_params(dst)
+        _check_same(params, back, "import", str(out))
+        if back_meta.get("model_config") != meta["model_config"]:
+            raise RuntimeError(f"import check: the model config read back from {out} differs")
+    print(f"wrote {out}{' (read back: identical)' if verify else ''}: {_summary(cfg, params)}")
     return str(out)
 
 
 def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str | None = None,
-                verify: bool = True) -> str:
-    """Export a finished stage's final params (work dir `src`) as a Hugging Face directory."""
-    params, meta = checkpoint.load_stage_params(src)
+                verify: bool = True, *, overwrite: bool = False) -> str:
+    """Export a finished stage's final params (work dir `src`) as a Hugging Face directory.
+
+    A non-empty `dst` is refused unless `overwrite` (then it is deleted first, so no file of an
+    earlier export survives); `verify` reads the export back and checks it bit for bit.
+    """
+    clear = check_destination(dst, overwrite, keep=(src,))
+    try:
+        params, meta = checkpoint.load_stage_params(src)
+    except UserError as e:
+        raise UserError("--src", f"{e.where}: {e.what}", e.fix) from e
     if "model_config" not in meta:
-        raise ValueError(f"--src={src!r}: the stage metadata has no model_config "
-                         "(was it written by an rlhf_jax stage or hf-to-orbax?)")
+        raise UserError("--src", f"{src}: the stage metadata has no model_config",
+                        "give the work dir of an rlhf_jax stage or of hf-to-orbax")
     cfg = models.ModelConfig.from_dict(dict(meta["model_config"]))
     if dtype is not None:
         cast = np.dtype(jax.numpy.dtype(dtype))
@@ -102,15 +187,19 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str
         dtypes = {np.asarray(x).dtype.name for x in jax.tree.leaves(params)}
         if len(dtypes) == 1 and (only := dtypes.pop()) in DTYPES:
             cfg = cfg.replace(param_dtype=only)
+    tok_where = "--tokenizer-dir" if tokenizer_dir else f"{src} (metadata tokenizer_dir)"
     tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
     extra = {}
     if tokenizer_dir:
         if not _has_tokenizer(tokenizer_dir):
-            raise FileNotFoundError(f"tokenizer dir {tokenizer_dir!r} has none of {_TOKENIZER_FILES}; "
-                                    "pass --tokenizer-dir")
-        extra = _special_token_ids(tokenizer_dir)
+            raise UserError(tok_where, f"{tokenizer_dir} has none of {_TOKENIZER_FILES}",
+                            "pass --tokenizer-dir=<a Hugging Face tokenizer directory>")
+        extra = _special_token_ids(tokenizer_dir, tok_where)
     else:
         log.warning("no tokenizer_dir in %s's metadata and no --tokenizer-dir: exporting weights only", src)
+    if clear:
+        check_destination(dst, overwrite, keep=(src, tokenizer_dir))
+        _clear(dst)
     hf.save_hf(cfg, params, dst, tokenizer_dir=tokenizer_dir, extra_config=extra)
     if meta.get("reward_norm") is not None:
         with open(os.path.join(dst, REWARD_NORM_FILE), "w") as f:
@@ -122,20 +211,18 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str
         runtime = ("scan_layers", "remat", "dtype", "dropout", "hf_model_type")
         if cfg.replace(**{k: getattr(cfg2, k) for k in runtime}) != cfg2:
             raise RuntimeError(f"export check: config read back from {dst} differs: {cfg2} vs {cfg}")
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        back_flat = dict(jax.tree_util.tree_flatten_with_path(back)[0])
-        if len(flat) != len(back_flat):
-            raise RuntimeError(f"export check: {dst} holds {len(back_flat)} tensors, expected {len(flat)}")
-        for path, x in flat:
-            if not np.array_equal(np.asarray(x), np.asarray(back_flat[path])):
-                raise RuntimeError(f"export check: {jax.tree_util.keystr(path)} changed on the way to {dst}")
-    print(f"wrote {dst}: {_summary(cfg, params)}")
+        _check_same(params, back, "export", dst)
+    print(f"wrote {dst}{' (read back: identical)' if verify else ''}: {_summary(cfg, params)}")
     return dst
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = errors.pop_verbose(["convert"] + argv)
     parser = argparse.ArgumentParser(prog="python -m rlhf_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an input error too")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-orbax", help="Hugging Face dir -> stage work dir (final/ params)")
     a.add_argument("--src", required=True, help="Hugging Face model directory (config.json + safetensors)")
@@ -148,18 +235,23 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", default=None, choices=DTYPES, help="cast parameters (default: keep)")
     b.add_argument("--tokenizer-dir", default=None,
                    help="tokenizer to copy (default: the stage metadata's tokenizer_dir)")
-    b.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip reading the export back and comparing it bit for bit")
-    args = parser.parse_args(argv)
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --dst (it is deleted first)")
+        p.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="skip reading the output back and comparing it bit for bit")
+    args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.command == "hf-to-orbax":
-            hf_to_orbax(args.src, args.dst, None if args.dtype == "keep" else args.dtype)
+            hf_to_orbax(args.src, args.dst, None if args.dtype == "keep" else args.dtype,
+                        overwrite=args.overwrite, verify=args.verify)
         else:
-            orbax_to_hf(args.src, args.dst, args.dtype, args.tokenizer_dir, args.verify)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            orbax_to_hf(args.src, args.dst, args.dtype, args.tokenizer_dir, args.verify,
+                        overwrite=args.overwrite)
+    except UserError as err:  # one line (with --verbose, the traceback first); exit status 2
+        errors.print_user_error(err, verbose)
+        return errors.EXIT_USER_ERROR
     return 0
 
 

@@ -185,16 +185,12 @@ def tokenizer_for(tokenizer_field: str, meta: Mapping, source: Mapping | None = 
                   field: str = "config.tokenizer"):
     """(tokenizer, directory): `config.tokenizer` if set, else the one `init_from` recorded,
     else (simulated world only) the world's own tokenizer."""
-    from transformers import AutoTokenizer
+    from rlhf_jax.data.tokenize import load_tokenizer
 
     path = tokenizer_field or meta.get("tokenizer_dir")
     if path:
-        try:
-            return AutoTokenizer.from_pretrained(str(path)), str(path)
-        except (OSError, ValueError) as e:
-            raise UserError(field if tokenizer_field else "config.init_from",
-                            f"cannot load a tokenizer from {str(path)!r} ({e})",
-                            "point config.tokenizer at a Hugging Face tokenizer directory") from e
+        where = field if tokenizer_field else "config.init_from (its recorded tokenizer_dir)"
+        return load_tokenizer(str(path), where), str(path)
     if source is None or source.get("kind") != "sim":
         raise UserError(field, "is empty and init_from records no tokenizer",
                         "set --config.tokenizer=<a Hugging Face tokenizer directory>")
@@ -204,6 +200,16 @@ def tokenizer_for(tokenizer_field: str, meta: Mapping, source: Mapping | None = 
     seed, variant = world_spec(source)
     tok, path = world_tokenizer(seed, variant=variant)
     return tok, str(path)
+
+
+def load_policy_and_tokenizer(config, place, source: Mapping | None = None):
+    """(policy, tokenizer, tokenizer dir) of a stage that starts from `config.init_from` (with an
+    optional `config.tokenizer` override), the policy on `place`'s mesh; the tokenizer must fit
+    the model's vocabulary."""
+    policy = load_policy(config.init_from, shardings=place.model_shardings)
+    tokenizer, tok_dir = tokenizer_for(config.get("tokenizer", ""), policy.meta, source)
+    check_vocab(tokenizer, policy.cfg, "config.tokenizer")
+    return policy, tokenizer, tok_dir
 
 
 def check_vocab(tokenizer, cfg: models.ModelConfig, where: str) -> None:

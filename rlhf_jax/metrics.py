@@ -1,10 +1,12 @@
-"""Metric writer: `metrics.jsonl` + TensorBoard events + `summary.json`, written by process 0."""
+"""Metric writer: `metrics.jsonl` + TensorBoard events + `summary.json`, written by process 0;
+and the progress bar every loop shows (`progress_bar`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +31,29 @@ def to_python(value):
             return f if math.isfinite(f) else str(f)
         return [to_python(v) for v in arr]
     return str(value)
+
+
+# When stderr is a file or pipe (a job log), a bar redraws at most this often: each redraw is
+# a line's worth of text in the log, and a terminal's 10 redraws a second would be thousands.
+NON_TTY_REDRAW_SECONDS = 30.0
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = "", disable: bool = False,
+                 file=None):
+    """A tqdm bar on stderr: live on a terminal, one redraw per ~30 s in a log file.
+
+    Update its postfix with `bar.set_postfix(..., refresh=False)`: a forced refresh would
+    redraw on every call whatever the interval.
+    """
+    from tqdm import tqdm
+
+    file = sys.stderr if file is None else file
+    isatty = getattr(file, "isatty", lambda: False)
+    tty = bool(isatty())
+    kwargs = dict(dynamic_ncols=True, smoothing=0.1) if tty else dict(
+        mininterval=NON_TTY_REDRAW_SECONDS, maxinterval=NON_TTY_REDRAW_SECONDS, ncols=100,
+        ascii=True, smoothing=0.1)
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, **kwargs)
 
 
 def _summary_writer_class():
@@ -57,11 +82,33 @@ def _is_main_process() -> bool:
         return True
 
 
+SAMPLES_FILE = "samples.md"
+_SECTION = re.compile(r"^## step (\d+)\b", re.MULTILINE)
+
+
+def truncate_samples(path: Path, step: int) -> None:
+    """Drop the `## step N` sections of a samples file with N > `step` (all of them if `step` is
+    0: no checkpoint), so a resumed run does not leave two tables for one step."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    starts = [(m.start(), int(m.group(1))) for m in _SECTION.finditer(text)]
+    cut = next((pos for pos, n in starts if n > step or step == 0), None)
+    if cut is None:
+        return
+    # Sections are appended in step order, so everything from the first later one goes.
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text[:cut].rstrip("\n") + ("\n" if text[:cut].strip() else ""))
+    os.replace(tmp, path)
+
+
 class MetricWriter:
     """Appends `{"step": s, **metrics}` lines to `workdir/metrics.jsonl` and TensorBoard scalars.
 
     `resume_step`: when resuming from a checkpoint at that step, records of later steps (written
-    by the interrupted run after its last checkpoint) are dropped, so the file holds one history.
+    by the interrupted run after its last checkpoint) are dropped, so the file holds one history;
+    so are the later `## step N` sections of `workdir/samples.md` (the stages' sample tables),
+    which the resumed run writes again. `resume_step=0` (no checkpoint) drops every record.
     """
 
     def __init__(self, workdir: str | Path, resume_step: int | None = None,
@@ -75,6 +122,8 @@ class MetricWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
+        if resume_step is not None:
+            truncate_samples(self.workdir / SAMPLES_FILE, resume_step)
         if tensorboard:
             SummaryWriter = _summary_writer_class()
             purge = None if resume_step is None else resume_step + 1
@@ -88,7 +137,7 @@ class MetricWriter:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write
-            if rec.get("step", 0) <= step:
+            if rec.get("step", 0) <= step and step > 0:
                 kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -20,7 +20,6 @@ from rlhf_jax import config_utils, handoff, models, optim
 from rlhf_jax import trainer as trainer_lib
 from rlhf_jax.data import sources, tokenize
 from rlhf_jax.data.iterators import ArrayIterator
-from rlhf_jax.errors import UserError
 from rlhf_jax.evaluation import PolicyEval
 from rlhf_jax.ops import lm_loss_sums
 from rlhf_jax.rng import Purpose
@@ -94,9 +93,7 @@ def _encode(config, source, tokenizer, split):
 
 def run(config) -> dict:
     """(config, init checkpoint, data) -> `workdir/final` params + metrics + summary.json."""
-    if config.objective not in OBJECTIVES:
-        raise UserError("config.objective", f"{config.objective!r} is not an objective",
-                        f"use one of {OBJECTIVES}")
+    config_utils.check_choice(config, "objective", OBJECTIVES)
     tr = trainer_lib.Trainer(config, config.objective)
     cfg, init, tokenizer, _ = _model(config, tr)
     source = sources.from_config(config.data.source)
@@ -104,6 +101,8 @@ def run(config) -> dict:
     eval_batch, eval_stats = _encode(config, source, tokenizer, "eval")
     log.info("%s data: train %s, eval %s", config.objective, train_stats, eval_stats)
 
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    state, _ = tr.create_state(init, models.param_axes(cfg, ("lm",)), optimizer)
     # The stage's output is self-contained: its tokenizer travels with it, so a later stage
     # never depends on a cache directory that may have been cleaned.
     tok_dir = tr.workdir / "tokenizer"
@@ -111,8 +110,6 @@ def run(config) -> dict:
         tokenizer.save_pretrained(str(tok_dir))
     tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=str(tok_dir.absolute()),
                        data_stats={"train": train_stats, "eval": eval_stats})
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    state, _ = tr.create_state(init, models.param_axes(cfg, ("lm",)), optimizer)
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng  # nothing frozen; dropout (off by default) would take the key
@@ -149,13 +146,5 @@ def run(config) -> dict:
     return summary
 
 
-def main(config) -> dict:
-    import json
-
-    summary = run(config)
-    print(json.dumps(summary, indent=2, default=str))
-    return summary
-
-
 if __name__ == "__main__":
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, None)

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rlhf_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
@@ -57,26 +59,30 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
     keys = set(mesh_cfg.keys()) if hasattr(mesh_cfg, "keys") else set(MESH_AXES)
     unknown = sorted(keys - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"config.mesh has unknown field(s) {unknown}; allowed: {list(MESH_AXES)}")
+        raise UserError("config.mesh", f"unknown field(s) {unknown}",
+                        f"allowed: {list(MESH_AXES)}")
     sizes = {}
     for name in MESH_AXES:
         value = _mesh_field(mesh_cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"config.mesh.{name}={value!r} must be an int (a size, or -1 = rest)")
+            raise UserError(f"config.mesh.{name}", f"{value!r} must be an int (a size, or -1 = "
+                            "rest)")
         if value == 0 or value < -1:
-            raise ValueError(f"config.mesh.{name}={value} must be positive or -1 (fill the rest)")
+            raise UserError(f"config.mesh.{name}", f"{value} must be positive or -1 (fill the "
+                            "rest)")
         sizes[name] = int(value)
     fill = [n for n, v in sizes.items() if v == -1]
     if len(fill) > 1:
-        raise ValueError(
-            f"config.mesh: only one axis may be -1, got {fill}; set all but one to a size")
+        raise UserError("config.mesh", f"only one axis may be -1, got {fill}",
+                        "set all but one to a size")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if fill:
         if n_devices % fixed:
             others = " × ".join(f"{n}={v}" for n, v in sizes.items() if v != -1)
-            raise ValueError(
-                f"config.mesh.{fill[0]}=-1 cannot fill {n_devices} devices: {others} = {fixed} "
-                f"does not divide {n_devices}; pick sizes whose product divides {n_devices}")
+            raise UserError(
+                f"config.mesh.{fill[0]}", f"-1 cannot fill {n_devices} devices: {others} = "
+                f"{fixed} does not divide {n_devices}",
+                f"pick sizes whose product divides {n_devices}")
         sizes[fill[0]] = n_devices // fixed
     elif fixed != n_devices:
         # Name the field to change: the largest one is the likeliest culprit.
@@ -84,9 +90,9 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
         rest = fixed // sizes[field]
         hint = (f"config.mesh.{field}={n_devices // rest} (or -1)" if n_devices % rest == 0
                 else f"config.mesh.data=-1 with fsdp×tensor dividing {n_devices}")
-        raise ValueError(
-            f"config.mesh.{field}: data={sizes[DATA]} × fsdp={sizes[FSDP]} × "
-            f"tensor={sizes[TENSOR]} = {fixed} does not match the {n_devices} available devices; "
+        raise UserError(
+            f"config.mesh.{field}", f"data={sizes[DATA]} × fsdp={sizes[FSDP]} × "
+            f"tensor={sizes[TENSOR]} = {fixed} does not match the {n_devices} available devices",
             f"try {hint}")
     return sizes[DATA], sizes[FSDP], sizes[TENSOR]
 
@@ -112,8 +118,8 @@ def _check_mesh_axes(value, where: str):
     value = tuple(value)
     for axis in value:
         if axis not in MESH_AXES:
-            raise ValueError(f"{where}: unknown mesh axis {axis!r}; mesh axes are "
-                             f"{list(MESH_AXES)}")
+            raise UserError(where, f"unknown mesh axis {axis!r}",
+                            f"mesh axes are {list(MESH_AXES)}")
     if not value:
         return None
     return value[0] if len(value) == 1 else value
@@ -132,8 +138,9 @@ def rules_from_config(config=None) -> Rules:
     for i, pair in enumerate(overrides or ()):
         where = f"config.sharding_rules[{i}]"
         if isinstance(pair, str) or len(pair) != 2 or not isinstance(pair[0], str):
-            raise ValueError(f"{where}={pair!r} must be a [logical_name, mesh_axes] pair, e.g. "
-                             "['embed', 'fsdp'] or ['batch', ['data', 'fsdp']] or ['mlp', None]")
+            raise UserError(where, f"{pair!r} must be a [logical_name, mesh_axes] pair",
+                            "e.g. ['embed', 'fsdp'] or ['batch', ['data', 'fsdp']] or "
+                            "['mlp', None]")
         rules[pair[0]] = _check_mesh_axes(pair[1], where)
     return tuple(rules.items())
 
@@ -164,8 +171,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules | None = None,
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}. "
-                             "Add it with config.sharding_rules, e.g. [[\"" + name + "\", None]]")
+            raise UserError("config.sharding_rules", f"logical axis {name!r} has no sharding "
+                            f"rule (known: {sorted(table)})",
+                            f"add one, e.g. (({name!r}, None),)")
         target = table[name]
         mesh_axes = () if target is None else ((target,) if isinstance(target, str) else target)
         mesh_axes = tuple(a for a in mesh_axes if a not in used)
@@ -374,9 +382,10 @@ def maybe_initialize_distributed(config=None) -> bool:
         num = dist.get("num_processes")
         pid = dist.get("process_id")
         if num is None or pid is None or num < 1 or not 0 <= pid < num:
-            raise ValueError(
-                f"config.distributed: coordinator_address={address!r} needs num_processes >= 1 "
-                f"and 0 <= process_id < num_processes (got num_processes={num}, process_id={pid})")
+            raise UserError(
+                "config.distributed", f"coordinator_address={address!r} needs num_processes >= "
+                f"1 and 0 <= process_id < num_processes (got num_processes={num}, "
+                f"process_id={pid})")
         # CPU processes exchange collectives through gloo (only used by the CPU backend).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, num_processes=int(num), process_id=int(pid))

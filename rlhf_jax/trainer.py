@@ -28,9 +28,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax import checkpoint, config_utils, models, rng, sharding
+from rlhf_jax import checkpoint, config_utils, models, provenance, rng, sharding
+from rlhf_jax.metrics import MetricWriter, progress_bar, read_metrics, to_python
 from rlhf_jax.optim import current_lr
-from rlhf_jax.metrics import MetricWriter, read_metrics, to_python
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ class Trainer(Placement):
     """Mesh, checkpoints, metrics and the loop for one stage (`stage_name`) of a run.
 
     Creating it initialises `jax.distributed` if configured, validates the shared config fields
-    (before anything compiles), builds the mesh and rules, writes `workdir/config.json`, and opens
+    (before anything compiles), builds the mesh and rules, checks and records `workdir/config.json`
+    (`rlhf_jax.provenance`: a rerun with a different config is refused), and opens
     the checkpointer and metric writer. `self.metadata` is saved with every checkpoint and the
     final params; stages add what the next stage needs (model config, tokenizer dir, reward
     normalisation, ...).
@@ -271,16 +272,17 @@ class Trainer(Placement):
         self.stage = stage_name
         config_utils.validate(config, jax.device_count())
         self.workdir = Path(config.workdir)
-        if self.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            config_utils.save_config(config, self.workdir)
+        # Records config.json, or refuses a config that differs from the one that trained this
+        # work dir's checkpoints (rlhf_jax.provenance); a resume's change is written at 1st save.
+        self.provenance = provenance.check_workdir(config, self.workdir, write=self.is_main)
         self.checkpointer = checkpoint.Checkpointer(
             self.workdir, keep=config.train.keep_checkpoints, async_save=async_checkpoints)
         self.resume_step = self.checkpointer.latest_step()
         # Drop metric records the interrupted run wrote after its last checkpoint.
         self.writer = MetricWriter(self.workdir, resume_step=self.resume_step or 0,
                                    enabled=self.is_main)
-        self.metadata: dict[str, Any] = {"stage": stage_name, "config": config}
+        self.metadata: dict[str, Any] = {"stage": stage_name, "config": config,
+                                         "config_hash": self.provenance.config_hash}
         self.summary: dict[str, Any] = {}
         self.state_shardings = None
         self.restored_data_state: dict | None = None
@@ -384,6 +386,7 @@ class Trainer(Placement):
 
     def save(self, step: int, state, train_iter=None) -> None:
         data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+        self.provenance.commit()
         self.checkpointer.save(step, state, data_state, self.metadata)
 
     def write_summary(self, extra: Mapping | None = None) -> None:
@@ -432,8 +435,6 @@ class Trainer(Placement):
         (`final_metadata` / `save_final`), e.g. after computing what goes into its metadata.
         Returns the final state.
         """
-        from tqdm import tqdm
-
         cfg = self.config.train
         num_steps = cfg.steps if num_steps is None else int(num_steps)
         step_impl = self.jit_step(step_fn, frozen) if jit else step_fn
@@ -461,8 +462,8 @@ class Trainer(Placement):
             if on_eval is not None:
                 on_eval(step, eval_metrics)
 
-        bar = tqdm(total=num_steps, initial=start, desc=self.stage, disable=not self.is_main,
-                   dynamic_ncols=True, smoothing=0.1)
+        # Live on a terminal; in a log file at most one redraw every ~30 s.
+        bar = progress_bar(num_steps, initial=start, desc=self.stage, disable=not self.is_main)
         try:
             # No jax.set_mesh here: shardings are explicit NamedShardings, and an ambient mesh
             # would make Flax turn logical `out_sharding` names into mesh axes inside eval_shape.
@@ -493,7 +494,8 @@ class Trainer(Placement):
                             t_last, steps_since = now, 0
                             self.writer.write(step, last_metrics)
                             if "loss" in last_metrics:
-                                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}")
+                                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}",
+                                                refresh=False)
                     if eval_now:
                         run_eval(step)
                     if ckpt_now:

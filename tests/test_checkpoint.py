@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, optim, sharding
+from rlhf_jax.errors import UserError
 from rlhf_jax import trainer as tr
 from tests import _toy
 
@@ -151,7 +152,7 @@ def test_stage_handoff_final_params(tmp_path):
     placed = jax.device_put(params, sharding.logical_to_shardings(axes, mesh, None, params))
     assert not checkpoint.stage_is_complete(tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="interrupted"):
+    with pytest.raises(UserError, match="interrupted"):
         checkpoint.load_stage_params(tmp_path)
     checkpoint.save_final(tmp_path, placed, {"stage": "sft", "tokenizer_dir": tmp_path / "tok",
                                              "model": {"vocab": 32, "dims": (16, 32)}}, step=7)

@@ -72,11 +72,11 @@ def _toy_config(**train):
 
 
 @pytest.mark.parametrize("change, needle", [
-    (dict(batch_size=10, accum_steps=4), "config.train.batch_size=10 is not divisible by "
+    (dict(batch_size=10, accum_steps=4), "config.train.batch_size: 10 is not divisible by "
                                          "config.train.accum_steps=4"),
     (dict(batch_size=16, accum_steps=4), "multiple of 32"),  # 4-row microbatches over 8 shards
-    (dict(steps=0), "config.train.steps=0"),
-    (dict(ckpt_every=-1), "config.train.ckpt_every=-1"),
+    (dict(steps=0), "config.train.steps: 0"),
+    (dict(ckpt_every=-1), "config.train.ckpt_every: -1"),
 ])
 def test_validate_names_the_field(change, needle):
     with pytest.raises(ValueError) as e:
@@ -88,7 +88,7 @@ def test_validate_optim_and_mesh_fields():
     c = _toy_config()
     config_utils.validate(c, 8)  # the toy config itself is valid
     c.optim.schedule = "cosin"
-    with pytest.raises(ValueError, match="config.optim.schedule='cosin'"):
+    with pytest.raises(ValueError, match="config.optim.schedule: 'cosin'"):
         config_utils.validate(c, 8)
     c = _toy_config()
     c.mesh.data = 3

@@ -85,7 +85,7 @@ def test_sim_builders_match_the_world(tmp_path):
     assert again["cached"]
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['num_trian'\]"):
         B.load_sft_texts({"kind": "sim", "num_trian": 5})
-    with pytest.raises(ValueError, match="kind must be"):
+    with pytest.raises(ValueError, match="config.data.source.kind: .csv. must be"):
         B.load_sft_texts({"kind": "csv"})
 
 

@@ -388,7 +388,9 @@ def test_convert_cli_hf_to_orbax_to_hf(hf_dirs, tmp_path, capsys):
     out16 = str(tmp_path / "hf_bf16")
     assert convert.main(["orbax-to-hf", "--src", work, "--dst", out16, "--dtype", "bfloat16"]) == 0
     assert hf.load_hf(out16)[0].param_dtype == "bfloat16"
-    assert convert.main(["orbax-to-hf", "--src", str(tmp_path / "nowhere"), "--dst", out]) == 2
-    assert "no finished stage output" in capsys.readouterr().err
-    assert convert.main(["hf-to-orbax", "--src", str(tmp_path / "nowhere"), "--dst", work]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert convert.main(["orbax-to-hf", "--src", str(tmp_path / "nowhere"), "--dst",
+                         str(tmp_path / "new")]) == 2
+    assert "nowhere: no such directory" in capsys.readouterr().err
+    assert convert.main(["hf-to-orbax", "--src", str(tmp_path / "nowhere"), "--dst",
+                         str(tmp_path / "new")]) == 2
+    assert "error: --src: " in capsys.readouterr().err

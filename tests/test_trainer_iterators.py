@@ -79,7 +79,7 @@ def test_processes_split_each_global_batch():
 def test_bad_arrays_are_named():
     with pytest.raises(ValueError, match="'y' has 3 rows, others have 4"):
         ArrayIterator({"x": np.zeros(4), "y": np.zeros(3)}, 2, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="4 rows cannot fill one batch of 8"):
+    with pytest.raises(ValueError, match="4 rows of data cannot fill one batch of 8"):
         ArrayIterator({"x": np.zeros(4)}, 8, process_index=0, process_count=1)
 
 

@@ -24,8 +24,12 @@ JSONL rows (SFT): `{"prompt": str, "completion": str}` or chat `{"messages": [{"
 "content"}, ...]}` whose last message is the assistant's: the prompt is every earlier turn as a
 "role: content" line followed by an "assistant:" cue line, and the completion is the last turn's
 content with one leading space (so BPE tokenizers see it as a new word after the cue).
-A malformed row raises `DataFormatError("file:line: what is wrong")`; with
-`skip_malformed=True` it is skipped and counted in stats["malformed"] (first messages kept).
+A malformed row raises `DataFormatError` (a `UserError` whose `where` is `file:line`); with
+`skip_malformed=True` it is skipped and counted in stats["malformed"] (first messages kept). A
+file with no usable row raises a `UserError` naming it. Mistakes in a source name the config
+field (`where`, default `config.data.source`); errors inside TFDS are re-raised naming our file
+or data dir. Instead of TFDS's "Downloading and preparing dataset" messages (nothing is
+downloaded), one log line says what was built and where.
 
 Simulated sources may name a `world` variant (`rlhf_jax.sim.world.WORLD_VARIANTS`; "" or
 "default" is the default world). Comparisons take the failure-mode options of issue 16, each off
@@ -40,15 +44,22 @@ should not pay for it on import).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 BUILDERS_VERSION = "1.0.0"
 SPLITS = ("train", "eval")
@@ -65,8 +76,8 @@ _JSONL_KEYS = {"kind", "train", "eval", "skip_malformed", "data_dir"}
 SIM_TEXT_KEYS = _SIM_KEYS
 
 
-class DataFormatError(ValueError):
-    """A malformed data row; the message starts with `file:line:`."""
+class DataFormatError(UserError):
+    """A malformed data row; `where` is `file:line`."""
 
 
 # --------------------------------------------------------------------------------- sources
@@ -78,18 +89,18 @@ def _as_dict(source) -> dict[str, Any]:
     return dict(source)
 
 
-def _validate(source: dict, allowed: set[str], what: str) -> None:
+def _validate(source: dict, allowed: set[str], what: str, where: str) -> None:
     unknown = sorted(set(source) - allowed)
     if unknown:
-        raise ValueError(f"data source for {what}: unknown field(s) {unknown}; "
-                         f"allowed: {sorted(allowed)}")
+        raise UserError(where, f"unknown field(s) {unknown} for {what}",
+                        f"allowed: {sorted(allowed)}")
 
 
-def _sim_sizes(source: dict) -> dict[str, int]:
+def _sim_sizes(source: dict, where: str) -> dict[str, int]:
     sizes = {"train": int(source.get("num_train", 10_000)), "eval": int(source.get("num_eval", 500))}
     for k, v in sizes.items():
         if v < 0:
-            raise ValueError(f"data source field num_{k} must be >= 0, got {v}")
+            raise UserError(f"{where}.num_{k}", f"{v} must be >= 0")
     return sizes
 
 
@@ -157,13 +168,17 @@ def parse_sft_jsonl(path: str | os.PathLike, skip_malformed: bool = False):
                     raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
                 prompt, completion = _parse_sft_row(obj)
             except ValueError as e:
-                msg = f"{where}: {e}"
                 if not skip_malformed:
-                    raise DataFormatError(msg + " (pass skip_malformed=True to skip and count "
-                                          "such rows)") from None
-                bad.append(msg)
+                    raise DataFormatError(where, str(e), "fix the row, or set skip_malformed=True "
+                                          "to skip and count such rows") from None
+                bad.append(f"{where}: {e}")
                 continue
             rows.append((prompt, completion, where))
+    if not rows:
+        why = f"all {len(bad)} rows are malformed" if bad else "it has no rows"
+        raise UserError(path, f"no usable example: {why}",
+                        'give a JSONL file with one {"prompt", "completion"} or {"messages"} '
+                        "object a line")
     stats = {"examples": len(rows), "malformed": len(bad), "malformed_examples": bad[:_MAX_MESSAGES]}
     return rows, stats
 
@@ -179,6 +194,7 @@ def _builder_classes() -> dict[str, type]:
 
     # Builds are seconds long; per-split progress bars would bury the stage's own progress.
     tfds.disable_progress_bar()
+    quiet_tfds_logs()
 
     f = tfds.features
 
@@ -207,6 +223,14 @@ def _builder_classes() -> dict[str, type]:
 
         def _splits(self):
             return [s for s, n in self._params["sizes"].items() if n > 0]
+
+        # TFDS prints "Downloading and preparing dataset ..." / "... downloaded and prepared"
+        # though nothing downloads; `build` logs one line instead.
+        def _log_download_bytes(self):
+            pass
+
+        def _log_download_done(self):
+            pass
 
     class SimPretrain(_Base):
         """Pretraining documents of the simulated world."""
@@ -277,7 +301,8 @@ def _builder_classes() -> dict[str, type]:
             elif p["pool"] == "unbiased":
                 pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", p["flip_prob"]),))
             else:
-                raise ValueError(f"data source field pool must be 'default' or 'unbiased', got {p['pool']!r}")
+                raise UserError("config.data.source.pool", f"{p['pool']!r} must be 'default' or "
+                                "'unbiased'")
             if p.get("length_bias") or p.get("group_bias"):
                 from rlhf_jax.sim.world import GROUP_A, GROUP_B
 
@@ -391,23 +416,83 @@ def _failure_mode_rows(p, split, w, prompts, responses, kinds, first) -> None:
                 kinds[i][j], first[i] = "improved", j
 
 
-def build(kind: str, params: dict, data_dir: str):
+class _DropTfdsChatter(logging.Filter):
+    """Drops TFDS's own info/warning records ("Using custom data configuration ...", "Variant
+    folder ... has no dataset_info.json") that every fresh build logs through absl."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
+_chatter_filter = _DropTfdsChatter()
+
+
+def quiet_tfds_logs() -> None:
+    """Install the filter once on the loggers TFDS writes through (absl's and its own)."""
+    for name in ("absl", "tensorflow_datasets"):
+        logger = logging.getLogger(name)
+        if _chatter_filter not in logger.filters:
+            logger.addFilter(_chatter_filter)
+
+
+@contextlib.contextmanager
+def _build_lock(builder):
+    """An exclusive file lock per dataset version: processes that share a data dir (the
+    processes of a multi-process run on one host, or hosts on a shared file system) build it
+    once — the first takes the lock and builds, the others wait and then find it prepared —
+    instead of racing to rename TFDS's incomplete dir into place."""
+    path = Path(builder.data_dir).parent / f".{Path(builder.data_dir).name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare(builder, what: str, where: str) -> dict:
+    """`builder.download_and_prepare()` with TFDS's failures re-raised as a `UserError` naming
+    `where` (our file or field), and one log line for a fresh build. Returns build stats."""
+    t0 = time.perf_counter()
+    with _build_lock(builder):
+        return _prepare_locked(builder, what, where, t0)
+
+
+def _prepare_locked(builder, what: str, where: str, t0: float) -> dict:
+    cached = bool(builder.is_prepared()) if hasattr(builder, "is_prepared") else False
+    try:
+        builder.download_and_prepare()  # reuses a dataset another process prepared meanwhile
+    except UserError:
+        raise
+    except (OSError, AssertionError) as e:  # TFDS's writer / file system, not our code
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(where, f"building the {what} dataset in {builder.data_dir} failed: "
+                        f"{type(e).__name__}: {first}",
+                        "check the input and that the data dir is writable") from e
+    seconds = 0.0 if cached else round(time.perf_counter() - t0, 3)
+    if not cached:
+        sizes = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
+        log.info("built the %s dataset (%s examples) in %.1f s: %s", what,
+                 ", ".join(f"{s} {n}" for s, n in sizes.items()), seconds, builder.data_dir)
+    return {"build_seconds": seconds, "cached": cached, "dataset_dir": str(builder.data_dir)}
+
+
+def build(kind: str, params: dict, data_dir: str, where: str = "config.data.source"):
     """Prepare (or reuse) dataset `kind` with `params`; returns (builder, stats)."""
     cls = _builder_classes()[kind]
     name = _key(kind, BUILDERS_VERSION, params)
     builder = cls(params=params, config_name=name, data_dir=data_dir)
-    t0 = time.perf_counter()
-    cached = builder.is_prepared() if hasattr(builder, "is_prepared") else False
-    builder.download_and_prepare()
-    stats = {"build_seconds": 0.0 if cached else round(time.perf_counter() - t0, 3),
-             "cached": bool(cached), "dataset_dir": str(builder.data_dir)}
+    files = sorted((params.get("files") or {}).values())
+    stats = prepare(builder, kind.replace("_", " "), ", ".join(files) or where)
     return builder, stats
 
 
-def _read(builder, split: str, fields: tuple[str, ...]) -> dict[str, list]:
+def _read(builder, split: str, fields: tuple[str, ...], where: str = "config.data.source"):
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in this dataset (has {sorted(builder.info.splits)}); "
-                         "set its size / file in the data source")
+        raise UserError(where, f"split {split!r} is not in this dataset (has "
+                        f"{sorted(builder.info.splits)})",
+                        "set its size / file in the data source")
     ds = builder.as_data_source()[split]
     n = len(ds)
     out: dict[str, list] = {k: [] for k in fields}
@@ -418,13 +503,13 @@ def _read(builder, split: str, fields: tuple[str, ...]) -> dict[str, list]:
     return out
 
 
-def _sim_params(source: dict, allowed: set[str], what: str) -> dict:
-    _validate(source, allowed, what)
+def _sim_params(source: dict, allowed: set[str], what: str, where: str) -> dict:
+    _validate(source, allowed, what, where)
     from rlhf_jax.sim.world import get_world, world_spec
 
     seed, variant = world_spec(source)
     # The world's fingerprint is in the key: changing the grammar rebuilds every dataset.
-    params = {"seed": seed, "sizes": _sim_sizes(source),
+    params = {"seed": seed, "sizes": _sim_sizes(source, where),
               "world": get_world(seed, variant).fingerprint()}
     if variant != "default":  # absent for the default world: its dataset keys stay as they were
         params["variant"] = variant
@@ -487,68 +572,74 @@ def _comparison_options(source: dict, params: dict) -> dict:
     return opts
 
 
-def _jsonl_params(source: dict) -> dict:
-    _validate(source, _JSONL_KEYS, "jsonl")
+def _jsonl_params(source: dict, where: str) -> dict:
+    _validate(source, _JSONL_KEYS, "kind 'jsonl'", where)
     files = {}
     for s in SPLITS:
         if source.get(s):
             path = os.path.abspath(os.fspath(source[s]))
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"data source field {s!r}: no such file {path}")
+                raise UserError(f"{where}.{s}", f"no such file {path}")
             files[s] = path
     if not files:
-        raise ValueError("jsonl data source needs a 'train' and/or 'eval' file path")
+        raise UserError(where, "a 'jsonl' source names no file",
+                        f"set {where}.train and/or {where}.eval to JSONL files")
     skip = bool(source.get("skip_malformed", False))
     # Size and mtime in the key: an edited file is rebuilt.
     stamp = {s: (p, os.path.getsize(p), os.path.getmtime(p)) for s, p in files.items()}
     return {"files": files, "stamp": stamp, "skip_malformed": skip}
 
 
-def _kind(source: dict) -> str:
+def _kind(source: dict, where: str) -> str:
     kind = source.get("kind", "sim")
     if kind not in ("sim", "jsonl"):
-        raise ValueError(f"data source field kind must be 'sim' or 'jsonl', got {kind!r}")
+        raise UserError(f"{where}.kind", f"{kind!r} must be 'sim' or 'jsonl'")
     return kind
 
 
 # --------------------------------------------------------------------------------- loaders
-def load_pretrain_texts(source, split: str = "train"):
+# `where` names the config field that holds the source in every error (default
+# `config.data.source`; e.g. PPO's pretraining mix passes `config.ptx.source`).
+
+
+def load_pretrain_texts(source, split: str = "train", where: str = "config.data.source"):
     """Pretraining documents: (texts, stats). JSONL sources give prompt + completion texts."""
     src = _as_dict(source)
-    if _kind(src) == "jsonl":
-        prompts, completions, stats = load_sft_texts(src, split)
+    if _kind(src, where) == "jsonl":
+        prompts, completions, stats = load_sft_texts(src, split, where)
         return [p + c for p, c in zip(prompts, completions)], stats
-    params = _sim_params(src, _SIM_KEYS, "sim pretraining text")
-    builder, stats = build("sim_pretrain", params, _data_dir(src))
-    texts = [_decode(t) for t in _read(builder, split, ("text",))["text"]]
+    params = _sim_params(src, _SIM_KEYS, "sim pretraining text", where)
+    builder, stats = build("sim_pretrain", params, _data_dir(src), where)
+    texts = [_decode(t) for t in _read(builder, split, ("text",), where)["text"]]
     stats["examples"] = len(texts)
     return texts, stats
 
 
-def load_sft_texts(source, split: str = "train"):
+def load_sft_texts(source, split: str = "train", where: str = "config.data.source"):
     """Demonstrations: (prompts, completions, stats)."""
     src = _as_dict(source)
-    if _kind(src) == "jsonl":
-        builder, stats = build("jsonl_sft", _jsonl_params(src), _data_dir(src))
+    if _kind(src, where) == "jsonl":
+        builder, stats = build("jsonl_sft", _jsonl_params(src, where), _data_dir(src), where)
         stats.update(builder.info.metadata["parse_stats"].get(split, {}))
     else:
-        builder, stats = build("sim_sft", _sim_params(src, _SIM_KEYS, "sim demonstrations"),
-                               _data_dir(src))
-    rows = _read(builder, split, ("prompt", "completion"))
+        builder, stats = build("sim_sft", _sim_params(src, _SIM_KEYS, "sim demonstrations",
+                                                      where), _data_dir(src), where)
+    rows = _read(builder, split, ("prompt", "completion"), where)
     prompts = [_decode(t) for t in rows["prompt"]]
     completions = [_decode(t) for t in rows["completion"]]
     stats["examples"] = len(prompts)
     return prompts, completions, stats
 
 
-def load_prompts(source, split: str = "train"):
+def load_prompts(source, split: str = "train", where: str = "config.data.source"):
     """RL prompts: (prompts, stats). JSONL sources use the prompts of their SFT rows."""
     src = _as_dict(source)
-    if _kind(src) == "jsonl":
-        prompts, _, stats = load_sft_texts(src, split)
+    if _kind(src, where) == "jsonl":
+        prompts, _, stats = load_sft_texts(src, split, where)
         return prompts, stats
-    builder, stats = build("sim_prompts", _sim_params(src, _SIM_KEYS, "sim prompts"), _data_dir(src))
-    prompts = [_decode(t) for t in _read(builder, split, ("prompt",))["prompt"]]
+    builder, stats = build("sim_prompts", _sim_params(src, _SIM_KEYS, "sim prompts", where),
+                           _data_dir(src), where)
+    prompts = [_decode(t) for t in _read(builder, split, ("prompt",), where)["prompt"]]
     stats["examples"] = len(prompts)
     return prompts, stats
 
@@ -560,36 +651,38 @@ def judge_version(name: str):
     return getattr(get_judge(name), "VERSION", None)
 
 
-def load_comparisons(source, split: str = "train"):
+def load_comparisons(source, split: str = "train", where: str = "config.data.source"):
     """Simulated comparisons: (records, stats); stats["tau"] is the annotators' temperature.
 
     Real preference files are read by `rlhf_jax.data.preference_formats`, in the same layout.
     """
     src = _as_dict(source)
-    if _kind(src) != "sim":
-        raise ValueError("load_comparisons reads simulated comparisons; for preference files use "
-                         "rlhf_jax.data.preference_formats.build_preference_dataset")
-    params = _sim_params(src, _SIM_COMPARISON_KEYS, "sim comparisons")
+    if _kind(src, where) != "sim":
+        raise UserError(f"{where}.kind", "load_comparisons reads simulated comparisons",
+                        "for preference files use kind='preference_files'")
+    params = _sim_params(src, _SIM_COMPARISON_KEYS, "sim comparisons", where)
     params.update(k=int(src.get("k", 4)), judge=str(src.get("judge", "vader")),
                   target_agreement=float(src.get("target_agreement", 0.73)),
                   flip_prob=float(src.get("flip_prob", 0.0)), pool=str(src.get("pool", "default")),
                   num_buckets=int(src.get("num_buckets", 10)))
     if params["k"] < 2:
-        raise ValueError(f"data source field k must be >= 2, got {params['k']}")
+        raise UserError(f"{where}.k", f"{params['k']} must be >= 2")
     if params["num_buckets"] < 1:
-        raise ValueError(f"data source field num_buckets must be >= 1, got {params['num_buckets']}")
+        raise UserError(f"{where}.num_buckets", f"{params['num_buckets']} must be >= 1")
+    if params["pool"] not in ("default", "unbiased"):
+        raise UserError(f"{where}.pool", f"{params['pool']!r} must be 'default' or 'unbiased'")
     from rlhf_jax.sim.judges import available_judges
 
     if params["judge"] not in available_judges():
-        raise ValueError(f"data source field judge: unknown judge {params['judge']!r}; "
-                         f"registered: {available_judges()}")
+        raise UserError(f"{where}.judge", f"unknown judge {params['judge']!r}",
+                        f"registered: {available_judges()}")
     params.update(_comparison_options(src, params))
     version = judge_version(params["judge"])
     if version is not None:  # a judge whose definition changed must not reuse stale labels
         params["judge_version"] = version
-    builder, stats = build("sim_comparisons", params, _data_dir(src))
+    builder, stats = build("sim_comparisons", params, _data_dir(src), where)
     fields = ("prompt", "responses", "ranks", "gold", "kinds", "annotator", "bucket", "source")
-    rows = _read(builder, split, fields)
+    rows = _read(builder, split, fields, where)
     records = []
     for i in range(len(rows["prompt"])):
         records.append({

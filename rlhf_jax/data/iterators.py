@@ -47,8 +47,10 @@ class ArrayIterator:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
                              f"process count {process_count}")
         if drop_remainder and n < batch_size:
-            raise ValueError(f"ArrayIterator: {n} rows cannot fill one batch of {batch_size} "
-                             "(use a smaller batch or drop_remainder=False)")
+            from rlhf_jax.errors import UserError
+
+            raise UserError("config.train.batch_size", f"{n} rows of data cannot fill one batch "
+                            f"of {batch_size}", "use a smaller batch or more data")
         self.n = n
         self.batch_size = batch_size
         self.seed = int(seed)

@@ -26,12 +26,15 @@ Formats (`FORMATS`):
 * `jsonl` — generic: `{"prompt", "chosen", "rejected"}` or a K-wise ranking `{"prompt",
   "responses": [...], "ranks": [...]}`; optional `"annotator"` and `"bucket"` strings.
 
-Bad rows raise `PreferenceDataError` naming `file:line` and the reason, unless
+Bad rows raise `PreferenceDataError` (a `rlhf_jax.errors.UserError`) naming `file:line` and the
+reason, unless
 `skip_bad_rows=True`, which skips and counts them (`ParseStats.bad`, first messages kept in
 `ParseStats.bad_examples`). Rows whose responses are all identical carry no preference: they
 are dropped and counted (`ParseStats.identical`) either way. Over-long examples are cut at
 tokenization, where the length is known: `rlhf_jax.data.tokenize.encode_comparisons` drops prompt
-tokens from the left and counts it (the RM stage reports the count in summary.json).
+tokens from the left and counts it (the RM stage reports the count in summary.json). A split
+with no usable row at all raises a `UserError` naming its files; a file that cannot be read
+(corrupt gzip / parquet, not UTF-8) names the file.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "FORMATS", "ParseStats", "PreferenceDataError", "PreferenceBuilder", "build_preference_dataset",
     "parse_file", "parse_files", "parse_hh_dialogue", "render_messages", "records_from_source",
@@ -57,8 +62,8 @@ _MAX_BAD_EXAMPLES = 20
 _FIELDS = ("prompt", "responses", "ranks", "annotator", "bucket", "source")
 
 
-class PreferenceDataError(ValueError):
-    """A malformed row; the message starts with `file:line:`."""
+class PreferenceDataError(UserError):
+    """A malformed row; `where` is `file:line`."""
 
 
 @dataclasses.dataclass
@@ -238,7 +243,20 @@ FORMATS: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 def _rows(path: str) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, decoded row or None, JSON error or None) for each non-blank row."""
+    """(line number, decoded row or None, JSON error or None) for each non-blank row; a file
+    that cannot be read at all raises a `UserError` naming it."""
+    try:
+        yield from _read_rows(path)
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise UserError(path, f"cannot be read: {type(e).__name__}: {e}",
+                        "give a .jsonl / .json (optionally .gz) or .parquet file") from e
+    except ValueError as e:  # pyarrow's ArrowInvalid (a corrupt parquet file)
+        if type(e).__module__.startswith("pyarrow"):
+            raise UserError(path, f"cannot be read as parquet: {e}") from e
+        raise
+
+
+def _read_rows(path: str) -> Iterator[tuple[int, Any, str | None]]:
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -265,9 +283,10 @@ def parse_file(path: str, fmt: str, *, skip_bad_rows: bool = False,
     """Parse one file into records. `split` keeps only rows whose `"split"` field equals it
     (summarize-from-feedback marks rows train/valid1/valid2); rows without the field are kept."""
     if fmt not in FORMATS:
-        raise ValueError(f"preference format {fmt!r} is unknown; choose one of {sorted(FORMATS)}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"preference data file {path!r} does not exist")
+        raise UserError("config.data.source.format", f"{fmt!r} is unknown",
+                        f"choose one of {sorted(FORMATS)}")
+    if not os.path.isfile(path):
+        raise UserError(path, "no such preference data file")
     parser = FORMATS[fmt]
     stats, records = ParseStats(), []
     for lineno, row, error in _rows(path):
@@ -284,7 +303,9 @@ def parse_file(path: str, fmt: str, *, skip_bad_rows: bool = False,
             message = f"{where}: {e} (format {fmt!r})"
             if not skip_bad_rows:
                 raise PreferenceDataError(
-                    message + "; pass skip_bad_rows=True to skip and count such rows") from None
+                    where, f"{e} (format {fmt!r})",
+                    "fix the row, or pass skip_bad_rows=True to skip and count such rows"
+                ) from None
             stats.bad += 1
             if len(stats.bad_examples) < _MAX_BAD_EXAMPLES:
                 stats.bad_examples.append(message)
@@ -316,9 +337,16 @@ def records_from_source(source: dict[str, Any]) -> tuple[list[dict[str, Any]], P
     """`source = {"format", "files", "skip_bad_rows", "split"?}` -> parse_files(...)."""
     files = source["files"]
     files = [files] if isinstance(files, str) else list(files)
-    return parse_files(files, source["format"],
-                       skip_bad_rows=bool(source.get("skip_bad_rows", False)),
-                       split=source.get("split"))
+    records, stats = parse_files(files, source["format"],
+                                 skip_bad_rows=bool(source.get("skip_bad_rows", False)),
+                                 split=source.get("split"))
+    if not records:
+        why = (f"{stats.rows} rows read: {stats.bad} malformed, {stats.identical} with identical "
+               "responses" if stats.rows else "no rows" + (
+                   f" with split={source['split']!r}" if source.get("split") else ""))
+        raise UserError(", ".join(files), f"no usable comparison ({why})",
+                        f"give a non-empty file in the {source['format']!r} format")
+    return records, stats
 
 
 def _source_key(splits: dict[str, dict[str, Any]]) -> str:
@@ -336,8 +364,11 @@ def _source_key(splits: dict[str, dict[str, Any]]) -> str:
 def _builder_class():
     import tensorflow_datasets as tfds
 
+    from rlhf_jax.data.builders import quiet_tfds_logs
+
     # Builds are seconds long; per-split progress bars would bury the stage's own progress.
     tfds.disable_progress_bar()
+    quiet_tfds_logs()
 
     # Not in TFDS's global registry: the data are local files, never looked up by name.
     class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -390,6 +421,13 @@ def _builder_class():
             for i, r in enumerate(records):
                 yield i, {k: r[k] for k in _FIELDS}
 
+        # Nothing downloads: `build_preference_dataset` logs one line instead of TFDS's two.
+        def _log_download_bytes(self):
+            pass
+
+        def _log_download_done(self):
+            pass
+
     return PreferenceBuilder
 
 
@@ -411,8 +449,12 @@ def build_preference_dataset(splits: dict[str, dict[str, Any]], data_dir: str
     Returns ({split: [record, ...]}, {split: parse stats}). Records come back from the
     array_record files through `as_data_source`, so what the RM trains on is what TFDS stored.
     """
+    from rlhf_jax.data.builders import prepare
+
     builder = _builder_class()(splits=splits, data_dir=data_dir)
-    builder.download_and_prepare()
+    files = [f for s in splits.values() for f in ([s["files"]] if isinstance(s["files"], str)
+                                                 else s["files"])]
+    prepare(builder, "preference", ", ".join(files))
     stats = dict(builder.info.metadata.get("stats", {}))
     source = builder.as_data_source()
     out = {}

@@ -95,16 +95,16 @@ class SimSource(DataSource):
         return {k: v for k, v in self.spec.items() if k in keep}
 
     def prompts(self, split: str) -> list[str]:
-        return builders.load_prompts(self._base(), split)[0]
+        return builders.load_prompts(self._base(), split, self.field)[0]
 
     def demonstrations(self, split: str):
-        return builders.load_sft_texts(self._base(), split)
+        return builders.load_sft_texts(self._base(), split, self.field)
 
     def pretrain_texts(self, split: str):
-        return builders.load_pretrain_texts(self._base(), split)
+        return builders.load_pretrain_texts(self._base(), split, self.field)
 
     def comparisons(self, split: str):
-        return builders.load_comparisons(self.spec, split)
+        return builders.load_comparisons(self.spec, split, self.field)
 
     def annotator_names(self) -> dict[str, str] | None:
         if self.spec.get("pool", "default") != "default":
@@ -167,13 +167,13 @@ class JsonlSource(DataSource):
     kind = "jsonl"
 
     def prompts(self, split: str) -> list[str]:
-        return builders.load_prompts(self.spec, split)[0]
+        return builders.load_prompts(self.spec, split, self.field)[0]
 
     def demonstrations(self, split: str):
-        return builders.load_sft_texts(self.spec, split)
+        return builders.load_sft_texts(self.spec, split, self.field)
 
     def pretrain_texts(self, split: str):
-        return builders.load_pretrain_texts(self.spec, split)
+        return builders.load_pretrain_texts(self.spec, split, self.field)
 
 
 class PreferenceFileSource(DataSource):

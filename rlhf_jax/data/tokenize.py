@@ -21,12 +21,36 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
+
+def load_tokenizer(path, where: str = "config.tokenizer"):
+    """`AutoTokenizer.from_pretrained(path)`, its failures re-raised as a `UserError` naming
+    `where` (the config field or flag that gave `path`) instead of transformers' message."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise UserError(where, f"{path!r} is not a directory",
+                        "give a Hugging Face tokenizer directory (tokenizer.json or vocab files)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(where, f"cannot load a tokenizer from {path}: {first}",
+                        "give a Hugging Face tokenizer directory (tokenizer.json or vocab files)"
+                        ) from e
+
 
 def special_ids(tokenizer) -> tuple[int, int]:
     """(pad_id, eos_id); pad falls back to EOS for tokenizers without a pad token (GPT-2)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError("tokenizer has no eos_token_id: every sequence must end with EOS")
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise UserError(name, "has no eos_token_id: every sequence must end with EOS",
+                        "use a tokenizer with an EOS token (set eos_token in its config)")
     pad = getattr(tokenizer, "pad_token_id", None)
     return (eos if pad is None else int(pad)), int(eos)
 

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
+from rlhf_jax.errors import UserError
+
 ARCHES = ("gpt2", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,23 +44,23 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.arch not in ARCHES:
-            raise ValueError(f"model.arch={self.arch!r} is not one of {ARCHES}")
+            raise UserError("model.arch", f"{self.arch!r} is not one of {ARCHES}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+            raise UserError("model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in DTYPES:
-                raise ValueError(f"model.{field}={getattr(self, field)!r} is not one of {DTYPES}")
+                raise UserError(f"model.{field}", f"{getattr(self, field)!r} is not one of "
+                                f"{DTYPES}")
         if self.d_model % self.n_heads and self.head_dim is None:
-            raise ValueError(
-                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-                "set model.head_dim explicitly"
-            )
+            raise UserError(
+                "model.d_model", f"{self.d_model} is not divisible by model.n_heads="
+                f"{self.n_heads}", "set model.head_dim explicitly")
         if self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}"
-            )
+            raise UserError(
+                "model.n_heads", f"{self.n_heads} must be a multiple of model.n_kv_heads="
+                f"{self.kv_heads}")
         if self.arch == "gpt2" and self.kv_heads != self.n_heads:
-            raise ValueError("model.n_kv_heads must equal model.n_heads for arch='gpt2'")
+            raise UserError("model.n_kv_heads", "must equal model.n_heads for arch='gpt2'")
 
     # Derived sizes -----------------------------------------------------------------------
     @property
@@ -92,7 +94,8 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(names)}")
+            raise UserError("model_config", f"unknown field(s) {sorted(unknown)}",
+                            f"known: {sorted(names)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -111,5 +114,6 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+        raise UserError("config.model.preset", f"{name!r} is unknown",
+                        f"choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

@@ -34,6 +34,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import DTYPES, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -52,8 +53,10 @@ _ARCHITECTURES = {
 _OWN_FILES = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, SCORE_HEAD_FILE, "generation_config.json"}
 
 
-class HFCheckpointError(ValueError):
-    """A Hugging Face checkpoint that does not match its config or our model family."""
+class HFCheckpointError(UserError):
+    """A Hugging Face checkpoint that does not match its config or our model family.
+
+    `where` is the file (config.json, a safetensors file) or field at fault."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,9 +72,7 @@ def _dtype_name(d: dict) -> str:
 def _require(d: dict, key: str, ok: Callable[[Any], bool], want: str, source: str, default=None):
     value = d.get(key, default)
     if not ok(value):
-        raise HFCheckpointError(
-            f"{source}: {key}={value!r} is not supported (rlhf_jax needs {want})"
-        )
+        raise HFCheckpointError(source, f"{key}={value!r} is not supported (rlhf_jax needs {want})")
     return value
 
 
@@ -87,9 +88,8 @@ def _rope_theta(d: dict, source: str) -> float:
         extra = sorted(set(spec) - {"rope_type", "type", "rope_theta"}) if isinstance(spec, dict) else []
         if kind != "default" or extra:
             raise HFCheckpointError(
-                f"{source}: {field}={spec!r} is not supported; only the default (unscaled) "
-                "rotary embedding is implemented"
-            )
+                source, f"{field}={spec!r} is not supported; only the default (unscaled) "
+                "rotary embedding is implemented")
         theta = spec.get("rope_theta", theta)
     return float(theta)
 
@@ -103,14 +103,12 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
     """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HFCheckpointError(
-            f"{source}: model_type={model_type!r} is not supported; rlhf_jax converts "
-            f"{list(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise HFCheckpointError(source, f"model_type={model_type!r} is not supported",
+                                f"rlhf_jax converts {list(SUPPORTED_MODEL_TYPES)}")
     try:
         return _config_from_hf(hf, model_type, source)
     except KeyError as e:
-        raise HFCheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
+        raise HFCheckpointError(source, f"required field {e.args[0]!r} is missing") from None
 
 
 def _config_from_hf(hf: dict, model_type: str, source: str) -> ModelConfig:
@@ -147,17 +145,16 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> ModelConfig:
         if sliding or (hf.get("use_sliding_window") and not layer_types and hf.get("sliding_window")
                        and int(hf.get("max_window_layers", 0)) < int(hf["num_hidden_layers"])):
             raise HFCheckpointError(
-                f"{source}: use_sliding_window / layer_types put sliding-window attention on "
-                f"layers {sliding or 'from max_window_layers on'}; only full attention is implemented"
-            )
+                source, f"use_sliding_window / layer_types put sliding-window attention on "
+                f"layers {sliding or 'from max_window_layers on'}; only full attention is "
+                "implemented")
     if model_type == "mistral":
         window = hf.get("sliding_window")
         if window is not None and int(window) < int(hf["max_position_embeddings"]):
             raise HFCheckpointError(
-                f"{source}: sliding_window={window} < max_position_embeddings="
+                source, f"sliding_window={window} < max_position_embeddings="
                 f"{hf['max_position_embeddings']} is a sliding window in use; only full "
-                "attention is implemented (set sliding_window to null to use full attention)"
-            )
+                "attention is implemented", "set sliding_window to null to use full attention")
     d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     n_kv = int(hf.get("num_key_value_heads") or n_heads)
     head_dim = hf.get("head_dim")
@@ -184,16 +181,16 @@ def _export_model_type(cfg: ModelConfig) -> str:
     if cfg.is_gpt2:
         want = cfg.hf_model_type or "gpt2"
         if want != "gpt2":
-            raise HFCheckpointError(f"model.hf_model_type={want!r} cannot describe arch='gpt2'")
+            raise HFCheckpointError("model.hf_model_type", f"{want!r} cannot describe arch='gpt2'")
         return want
     want = cfg.hf_model_type or ("qwen2" if cfg.qkv_bias else "llama")
     if want not in ("llama", "qwen2", "mistral"):
-        raise HFCheckpointError(f"model.hf_model_type={want!r} cannot describe arch='llama'")
+        raise HFCheckpointError("model.hf_model_type", f"{want!r} cannot describe arch='llama'")
     if (want == "qwen2") != cfg.qkv_bias:
         raise HFCheckpointError(
-            f"model.hf_model_type={want!r} with model.qkv_bias={cfg.qkv_bias}: Hugging Face has "
-            "q/k/v biases without an o_proj bias only in qwen2; use hf_model_type='qwen2' iff qkv_bias"
-        )
+            "model.hf_model_type", f"{want!r} with model.qkv_bias={cfg.qkv_bias}: Hugging Face has "
+            "q/k/v biases without an o_proj bias only in qwen2",
+            "use hf_model_type='qwen2' iff qkv_bias")
     return want
 
 
@@ -356,22 +353,21 @@ class _Reader:
                 try:
                     weight_map = json.load(f)["weight_map"]
                 except (json.JSONDecodeError, KeyError) as e:
-                    raise HFCheckpointError(f"{index}: not a safetensors index ({e!r})") from e
+                    raise HFCheckpointError(index, f"not a safetensors index ({e!r})") from e
             self.index = index
         elif os.path.exists(single):
             weight_map, self.index = None, None
         else:
-            raise FileNotFoundError(
-                f"{path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found (only safetensors "
-                "checkpoints are supported; re-save a .bin checkpoint with safe_serialization)"
-            )
+            raise HFCheckpointError(
+                path, f"neither {WEIGHTS_FILE} nor {INDEX_FILE} found (only safetensors "
+                "checkpoints are supported)", "re-save a .bin checkpoint with safe_serialization")
         self._handles: dict[str, Any] = {}
         self.file_of: dict[str, str] = {}  # tensor name -> file that holds it
         files = sorted(set(weight_map.values())) if weight_map else [WEIGHTS_FILE]
         for fname in files:
             full = os.path.join(path, fname)
             if not os.path.exists(full):
-                raise FileNotFoundError(f"{full}: listed in {self.index} but missing")
+                raise HFCheckpointError(full, f"listed in {self.index} but missing")
             handle = self._handles[full] = safe_open(full, framework="np")
             for name in handle.keys():
                 self.file_of[name] = full
@@ -380,8 +376,8 @@ class _Reader:
                 full = os.path.join(path, fname)
                 if self.file_of.get(name) != full:
                     raise HFCheckpointError(
-                        f"tensor {name!r} is missing from {full} (where {self.index} puts it)"
-                    )
+                        full, f"tensor {name!r} is missing from {full} (where {self.index} puts "
+                        "it)")
         self.used: set[str] = set()
 
     def where(self, name: str) -> str:
@@ -394,12 +390,13 @@ class _Reader:
 
     def get(self, name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
         if name not in self.file_of:
-            raise HFCheckpointError(f"tensor {name!r} is missing from {self.where(name)} ({why})")
+            raise HFCheckpointError(self.where(name), f"tensor {name!r} is missing from "
+                                    f"{self.where(name)} ({why})")
         got = self.shape(name)
         if got != tuple(shape):
             raise HFCheckpointError(
-                f"tensor {name!r} in {self.file_of[name]} has shape {got}, but {why} needs {tuple(shape)}"
-            )
+                self.file_of[name],
+                f"tensor {name!r} has shape {got}, but {why} needs {tuple(shape)}")
         self.used.add(name)
         return self._handles[self.file_of[name]].get_tensor(name)
 
@@ -449,7 +446,8 @@ def load_hf(path: str, *, dtype: str | None = None, shardings=None) -> tuple[Mod
     """
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found (is {path!r} a Hugging Face model directory?)")
+        raise HFCheckpointError(config_path, "not found",
+                                f"is {path!r} a Hugging Face model directory?")
     with open(config_path) as f:
         cfg = config_from_hf(json.load(f), source=config_path)
     if dtype is not None:
@@ -500,18 +498,16 @@ def load_hf(path: str, *, dtype: str | None = None, shardings=None) -> tuple[Mod
                          (cfg.vocab_size, cfg.d_model), why)
         if not np.array_equal(reader.get("lm_head.weight", (cfg.vocab_size, cfg.d_model), why), emb):
             raise HFCheckpointError(
-                f"tensor 'lm_head.weight' in {reader.file_of['lm_head.weight']} differs from the "
-                f"embedding but {config_path} says tie_word_embeddings=true"
-            )
+                reader.file_of['lm_head.weight'], "tensor 'lm_head.weight' differs from the "
+                f"embedding but {config_path} says tie_word_embeddings=true")
         leftover.remove("lm_head.weight")
     buffers = _BUFFERS["gpt2" if cfg.is_gpt2 else "llama"]
     leftover = [n for n in leftover if not buffers.match(n)]
     if leftover:
         raise HFCheckpointError(
-            f"unexpected tensor {leftover[0]!r} in {reader.file_of[leftover[0]]}"
+            reader.file_of[leftover[0]], f"unexpected tensor {leftover[0]!r}"
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
-            + f"; it has no place in the model that {config_path} describes"
-        )
+            + f": it has no place in the model that {config_path} describes")
 
     if "score" in heads:
         with safe_open(score_path, framework="np") as f:
@@ -519,15 +515,14 @@ def load_hf(path: str, *, dtype: str | None = None, shardings=None) -> tuple[Mod
             want = {"score_head.kernel": (cfg.d_model,), "score_head.bias": ()}
             extra = sorted(names - set(want))
             if extra:
-                raise HFCheckpointError(f"unexpected tensor {extra[0]!r} in {score_path}")
+                raise HFCheckpointError(score_path, f"unexpected tensor {extra[0]!r}")
             for name, shape in want.items():
                 if name not in names:
-                    raise HFCheckpointError(f"tensor {name!r} is missing from {score_path}")
+                    raise HFCheckpointError(score_path, f"tensor {name!r} is missing")
                 got = tuple(f.get_slice(name).get_shape())
                 if got != shape:
                     raise HFCheckpointError(
-                        f"tensor {name!r} in {score_path} has shape {got}, expected {shape}"
-                    )
+                        score_path, f"tensor {name!r} has shape {got}, expected {shape}")
                 put(("score_head", name.split(".")[1]), f.get_tensor(name))
     return cfg, params
 
@@ -607,7 +602,7 @@ def save_hf(cfg: ModelConfig, params: dict, path: str, tokenizer_dir: str | None
         json.dump(hf_config, f, indent=2, sort_keys=True)
     if tokenizer_dir:
         if not os.path.isdir(tokenizer_dir):
-            raise FileNotFoundError(f"tokenizer_dir={tokenizer_dir!r} is not a directory")
+            raise UserError("tokenizer_dir", f"{tokenizer_dir!r} is not a directory")
         for name in sorted(os.listdir(tokenizer_dir)):
             src = os.path.join(tokenizer_dir, name)
             if os.path.isfile(src) and name not in _OWN_FILES and not name.endswith(".safetensors"):

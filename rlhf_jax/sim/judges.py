@@ -55,9 +55,12 @@ def register_judge(name: str):
     return deco
 
 
-def get_judge(name: str, **kwargs) -> Judge:
+def get_judge(name: str, where: str = "config.eval.judge", **kwargs) -> Judge:
+    """The registered judge `name`; an unknown name is a `UserError` naming `where`."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown judge {name!r}; registered: {sorted(_REGISTRY)}")
+        from rlhf_jax.errors import UserError
+
+        raise UserError(where, f"unknown judge {name!r}", f"registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)
 
 
