@@ -28,7 +28,6 @@ def get_config(arg: str | None = None):
     c.ppo.kl.adaptive = False
     c.ppo.kl.beta = 0.02  # InstructGPT's beta; small enough for the policy to drift far
     c.ppo.train.steps = 6 if tiny else 150
-    c.ppo.ptx.rows_per_minibatch = 8  # pretraining rows of 32 tokens per PPO minibatch
     # Held-out pretraining text for the tax (the corpus' eval split, never trained on).
     c.tax = ml_collections.ConfigDict(dict(
         source=dict(kind="sim", seed=0, num_train=0, num_eval=64 if tiny else 2000),

@@ -73,7 +73,7 @@ def _shrink(c) -> None:
     c.rm.eval.batch_size = 64
     c.rm.policy_data.batch_size = 64
     c.ppo.train.steps = 6
-    c.ppo.train.batch_size = 16
+    c.ppo.train.batch_size = 32  # 4 minibatches of 8 rows (divisible by up to 8 devices)
     c.ppo.train.eval_every = 3
     c.ppo.data.source.num_train = 256
     c.ppo.data.source.num_eval = 32

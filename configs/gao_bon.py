@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
     c.judge = "vader_measured"
     c.gold = "vader_measured"
     c.also_judges = ("vader",)  # other gold judges reported in the CSV (never fitted)
-    c.label_counts = (500, 1000, 2000) if tiny else (1000, 3000, 10000)
+    c.label_counts = (200, 800) if tiny else (1000, 3000, 10000)
     c.rm_models = ""  # comma list of base-model presets for the RMs ("" = `model`)
     c.bon = ml_collections.ConfigDict(dict(
         n=16 if tiny else 256,  # samples per prompt: the estimates cover every n <= this
