@@ -472,10 +472,12 @@ class FigureStages:
         return [Path(r["workdir"]) for r in self.trials(
             "rm", self.rm_config(model), "configs/rm_sim.py", rows)]
 
-    def trials(self, sweep_name: str, stage_cfg, config_file: str, rows: list[dict]) -> list[dict]:
-        """Run `stage_cfg` + each row as sweep trials in `<stages_dir>/<sweep_name>`."""
+    def trials(self, sweep_name: str, stage_cfg, config_file: str, rows: list[dict],
+               arg: str | None = None) -> list[dict]:
+        """Run `stage_cfg` + each row as sweep trials in `<stages_dir>/<sweep_name>`
+        (`arg`: the config file's preset, as in `--config=<file>:<arg>`)."""
         sweep_dir = self.root / sweep_name
-        return run_trials(stage_trials(stage_cfg, ROOT / config_file, rows, sweep_dir),
+        return run_trials(stage_trials(stage_cfg, ROOT / config_file, rows, sweep_dir, arg),
                           sweep_dir, self.workers)
 
 
@@ -504,13 +506,15 @@ class BonSamples:
 
 
 def bon_samples(policy_dir: Path, rm_dirs: dict[str, Path], prompts: list[str], n: int,
-                settings, judges, key) -> BonSamples:
+                settings, judges, key, place=None, field: str = "config.bon") -> BonSamples:
     """Sample `n` responses per prompt from the policy in `policy_dir` with `settings` (an eval
     block: max_prompt_len, max_new_tokens, temperature, batch_size) and score every sample with
-    each RM (its stored normalisation) and each gold judge."""
+    each RM (its stored normalisation) and each gold judge. `place` (a `Placement`) puts the
+    models on its mesh and splits the batches over it; without it they run on one device."""
     from rlhf_jax import rewards
 
-    policy = handoff.load_policy(str(policy_dir))
+    shardings = None if place is None else place.model_shardings
+    policy = handoff.load_policy(str(policy_dir), shardings=shardings)
     tokenizer, _ = handoff.tokenizer_for("", policy.meta)
     P = len(prompts)
     flat = [p for p in prompts for _ in range(n)]
@@ -518,14 +522,17 @@ def bon_samples(policy_dir: Path, rm_dirs: dict[str, Path], prompts: list[str], 
                                 max_prompt_len=int(settings.max_prompt_len),
                                 max_new_tokens=int(settings.max_new_tokens),
                                 temperature=float(settings.temperature),
-                                batch_size=int(settings.batch_size))
+                                batch_size=int(settings.batch_size), place=place)
     seq_t = np.concatenate([s["prompt_tokens"], s["tokens"]], axis=1)
     seq_m = np.concatenate([s["prompt_mask"], s["mask"]], axis=1)
     proxy = {}
     for name, d in rm_dirs.items():
-        rm = handoff.load_reward_model(str(d))
+        rm = handoff.load_reward_model(str(d), shardings=shardings)
+        handoff.check_norm_sampling(rm.reward_norm, settings.temperature,
+                                    settings.max_new_tokens, field)
         proxy[name] = rewards.score_batches(rm.cfg, rm.params, seq_t, seq_m, rm.reward_norm,
-                                            batch_size=int(settings.batch_size)).reshape(P, n)
+                                            batch_size=int(settings.batch_size),
+                                            place=place).reshape(P, n)
     gold = {k: v.reshape(P, n) for k, v in evaluation.gold_scores(
         evaluation.get_judges(tuple(judges)), flat, s["responses"]).items()}
     ids = [tuple(int(t) for t, m in zip(row, mk) if m)
@@ -546,25 +553,6 @@ def powers_of_two(n_max: int) -> list[int]:
     """1, 2, 4, ... up to n_max (and n_max itself)."""
     ns = [1 << i for i in range(int(np.log2(n_max)) + 1)]
     return ns if ns[-1] == n_max else ns + [n_max]
-
-
-def paired_diff(per_prompt: np.ndarray, i: int, j: int, n_boot: int = 1000,
-                seed: int = 0) -> dict:
-    """Mean over prompts of point i minus point j of per-prompt curves [P, points], with its
-    bootstrap SE paired over prompts (the same prompts' samples give both points)."""
-    diff = per_prompt[:, i] - per_prompt[:, j]
-    return {"diff": float(diff.mean()),
-            "se": float(bon.bootstrap_se(diff[:, None], n_boot, seed)[0])}
-
-
-def peak_drop(per_prompt: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Where the mean curve over prompts peaks and how far its last point lies below the peak,
-    with a bootstrap SE of that drop paired over prompts (per_prompt: [P, points])."""
-    mean = per_prompt.mean(axis=0)
-    i = int(np.argmax(mean))
-    d = paired_diff(per_prompt, i, -1, n_boot, seed)
-    return {"peak_index": i, "peak": float(mean[i]), "last": float(mean[-1]),
-            "drop": d["diff"], "drop_se": d["se"]}
 
 
 def main(run, default_config: Path) -> None:
@@ -602,8 +590,8 @@ def bon_analysis(samples: BonSamples, rms: dict[str, dict], gold: str, judges, n
         gold_fit = fit_gao("bon", d, g - g[0], [p["gold_se"] for p in curve])
         proxy_fit = fit_gao("bon", d, pr - pr[0], [p["proxy_se"] for p in curve])
         per_prompt = samples.per_prompt(name, gold, ns)
-        pd = peak_drop(per_prompt, n_boot)
-        rise = paired_diff(per_prompt, pd["peak_index"], 0, n_boot)
+        pd = bon.peak_drop(per_prompt, n_boot)
+        rise = bon.paired_diff(per_prompt, pd["peak_index"], 0, n_boot)
         results[name] = {
             **info, "gold_fit": gold_fit.to_dict(), "proxy_fit": proxy_fit.to_dict(),
             "gold_n1": float(g[0]), "n_max": int(ns[-1]), "peak_n": int(ns[pd["peak_index"]]),

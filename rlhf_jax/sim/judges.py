@@ -162,8 +162,8 @@ class VaderMeasuredJudge:
 
     score = min(c, c0 - slope * (c - c0)) - vader_trap penalties
 
-    so the score equals c up to c0 and falls with `slope` above it (at c = 1 with the defaults:
-    0.6 - 1.5 * 0.4 = 0). The peak sits inside the range the world's text covers (a quarter of
+    so the score equals c up to c0 and falls with `slope` above it (at c = 1 with the defaults
+    c0 = 0.8, slope = 3: 0.8 - 3 * 0.2 = 0.2). The peak sits inside the range the world's text covers (a quarter of
     the SFT policy's samples at T = 1 have c > 0.5), so the labels show the turn-down.
     """
 
