@@ -2,7 +2,8 @@
 
 Not a config file itself: `common(name, preset)` returns the shared part, unlocked, and each
 figure's `get_config(arg)` adds its own fields and locks it. The stage blocks (`pretrain`,
-`sft`, `rm`, `ppo`, `dpo`) are the main job's (`configs/pipeline_sim.py`), so a figure's base
+`sft`, `rm`, `ppo`, `dpo`, `rloo`, `grpo`) are the main job's (`configs/pipeline_sim.py`), so a
+figure's base
 model and SFT policy are the pipeline's, and take the same dotted overrides
 (`--config.rm.train.batch_size=64`). The figures share their stages in `stages_dir`: a proxy RM
 or a PPO run that two figures need is trained once.
@@ -43,6 +44,7 @@ def common(name: str, preset: dict) -> ml_collections.ConfigDict:
     c.model = model
     c.tiny = tiny
     c.pretrain, c.sft, c.rm, c.ppo, c.dpo = p.pretrain, p.sft, p.rm, p.ppo, p.dpo
+    c.rloo, c.grpo = p.rloo, p.grpo  # critic-free methods (configs/pg_sim.py), sampled as PPO
     # Held-out prompts every policy of a figure is compared on (one sample each), at PPO's
     # rollout settings.
     c.eval = p.eval
@@ -53,13 +55,13 @@ def common(name: str, preset: dict) -> ml_collections.ConfigDict:
 
 def _shrink(c) -> None:
     """CI sizes: seconds per stage. The pipeline's tiny preset, smaller still."""
-    c.pretrain.train.steps = 60
+    c.pretrain.train.steps = 30
     c.pretrain.data.source.num_train = 1500
     c.pretrain.data.source.num_eval = 256  # packed: ~2 texts per row, >= one batch of rows
     c.pretrain.eval.num_prompts = 16
     c.pretrain.train.eval_every = 0
     c.pretrain.optim.warmup_steps = 5
-    c.sft.train.steps = 30
+    c.sft.train.steps = 15
     c.sft.optim.warmup_steps = 5
     c.sft.data.source.num_train = 600
     c.sft.data.source.num_eval = 64
@@ -80,6 +82,14 @@ def _shrink(c) -> None:
     c.ppo.eval.num_prompts = 16
     c.ppo.eval.batch_size = 16
     c.ppo.ptx.source.num_train = 256
+    for name in ("rloo", "grpo"):
+        c[name].train.steps = 6
+        c[name].train.batch_size = 8  # prompts per update (x group_size 4 = PPO's 32 rows)
+        c[name].train.eval_every = 0
+        c[name].data.source.num_train = 256
+        c[name].data.source.num_eval = 32
+        c[name].eval.num_prompts = 16
+        c[name].eval.batch_size = 16
     c.dpo.data.source.num_eval = 64
     c.dpo.eval.num_prompts = 16
     c.dpo.eval.batch_size = 16

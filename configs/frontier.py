@@ -4,7 +4,8 @@
     python -m experiments.frontier [--config=configs/frontier.py[:tiny]]
     python -m experiments.frontier --config.methods=ppo,dpo,bon --config.ppo_betas=0.02,0.1
 
-Every method starts from the same SFT policy and learns from the same comparisons (PPO and the
+Methods: ppo, dpo, rloo, grpo (critic-free, configs/pg_sim.py), bon. Every method starts
+from the same SFT policy and learns from the same comparisons (PPO and the
 critic-free methods through the RM trained on them, DPO directly); best-of-N picks by that RM
 from the SFT policy's samples. Each trained policy samples the same held-out prompts at the
 rollout temperature; KL is k1 from the SFT policy on its own samples, best-of-n's the analytic
@@ -26,12 +27,17 @@ def get_config(arg: str | None = None):
     tiny = figures.is_tiny(preset)
     c = figures.common("frontier", preset)
     c.gold = c.eval.get("gold")  # the main world's gold (VADER), as in DPO's IMDb sentiment task
-    c.methods = "ppo,dpo,bon"  # comma list of experiments.frontier.METHODS
+    c.methods = "ppo,dpo,rloo,grpo,bon"  # comma list of experiments.frontier.METHODS
     # The knob each method is swept over (one trial per value).
     c.ppo_betas = "0.02,0.2" if tiny else "0.02,0.05,0.1,0.2,0.5"  # fixed KL coefficient
     c.dpo_betas = "0.1,1.0" if tiny else "0.03,0.1,0.3,1.0"  # DPO's beta
+    # RLOO (k1 in the reward, like PPO) and GRPO (k3 in the loss): fixed KL coefficients.
+    c.rloo_betas = "0.02" if tiny else "0.01,0.03,0.1,0.3"
+    c.grpo_betas = "0.04" if tiny else "0.01,0.04,0.1,0.3"
     c.ppo.kl.adaptive = False
     c.ppo.train.steps = 6 if tiny else 100
+    c.rloo.train.steps = 6 if tiny else 100
+    c.grpo.train.steps = 6 if tiny else 100
     # DPO: one epoch over the RM's rankings as best-vs-rest pairs (3 per ranking of 4).
     c.dpo.data.pairs = "best_vs_rest"
     c.dpo.train.eval_every = 0

@@ -41,7 +41,7 @@ def run(config) -> dict:
     samples = lib.bon_samples(st.sft(), {n: Path(r["dir"]) for n, r in rms.items()},
                               lib.held_out_prompts(config, int(config.bon.prompts)),
                               int(config.bon.n), config.bon, (config.gold,),
-                              rng.key(config.seed, rng.Purpose.BEST_OF_N))
+                              rng.key(config.seed, rng.Purpose.BEST_OF_N_CURVES))
     ns = lib.powers_of_two(int(config.bon.n))
     points, results = lib.bon_analysis(samples, rms, config.gold, (config.gold,), ns,
                                        int(config.bon.n_boot))

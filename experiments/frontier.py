@@ -6,9 +6,9 @@ world.
 DPO's Figure 2 plots, for controlled sentiment generation, the gold reward of each trained
 policy against its sequence KL from the reference over each method's hyper-parameter grid, and
 finds DPO's frontier above PPO's. Here every method starts from one SFT policy and learns from
-one set of comparisons: PPO over fixed KL coefficients and DPO over its β (sweep trials, shared
-with the other figures), best-of-N over n (one set of N samples per prompt, the unbiased
-estimator); RLOO/GRPO join when `METHODS` lists them. All trained policies are evaluated on the
+one set of comparisons: PPO, RLOO and GRPO over fixed KL coefficients and DPO over its β (sweep
+trials, shared with the other figures), best-of-N over n (one set of N samples per prompt, the
+unbiased estimator). All trained policies are evaluated on the
 same held-out prompts (`lib.compare_policies`: k1 KL from SFT on the policy's own samples).
 
 The frontier of a method is the best gold it reached at KL <= k. On a grid over the KL range
@@ -44,11 +44,15 @@ class Method:
     knob: str
     values: str
     needs_rm: bool
+    arg: str | None = None  # the config file's preset (`configs/pg_sim.py:method=grpo`)
 
 
 METHODS = {
     "ppo": Method("configs/ppo_sim.py", "ppo", "kl.beta", "ppo_betas", True),
     "dpo": Method("configs/dpo_sim.py", "dpo", "dpo.beta", "dpo_betas", False),
+    # Critic-free policy gradients (rlhf_jax.pg): RLOO (k1 in the reward), GRPO (k3 in the loss).
+    "rloo": Method("configs/pg_sim.py", "rloo", "kl.beta", "rloo_betas", True, "method=rloo"),
+    "grpo": Method("configs/pg_sim.py", "grpo", "kl.beta", "grpo_betas", True, "method=grpo"),
     "bon": None,  # best-of-n of the SFT policy by the RM: no training
 }
 
@@ -86,7 +90,7 @@ def train(config, st: lib.FigureStages, sft_dir: Path, rm_dir: Path) -> dict[str
                 cfg.data.candidates = config.rm.data.candidates
         values = floats(config[m.values], m.values)
         for v, row in zip(values, st.trials(name, cfg, m.config_file,
-                                            [{m.knob: v} for v in values])):
+                                            [{m.knob: v} for v in values], arg=m.arg)):
             out[f"{name} {m.knob.split('.')[-1]}={v:g}"] = {
                 "method": name, "knob": m.knob, "value": v, "dir": row["workdir"]}
     return out
@@ -142,7 +146,7 @@ def run(config) -> dict:
         samples = lib.bon_samples(sft_dir, {"rm": rm_dir},
                                   lib.held_out_prompts(config, int(config.eval.num_prompts)),
                                   int(config.bon.n), config.bon, (config.gold,),
-                                  rng.key(config.seed, rng.Purpose.BEST_OF_N))
+                                  rng.key(config.seed, rng.Purpose.BEST_OF_N_CURVES))
         for r in samples.curves("rm", config.gold, lib.powers_of_two(int(config.bon.n)),
                                 int(config.bon.n_boot)):
             points.append({"policy": f"bon n={r['n']}", "method": "bon", "knob": "n",

@@ -63,7 +63,8 @@ def verdicts(points: list[dict], fits: dict, size_gain: dict) -> list[lib.Verdic
     else:
         v3 = lib.Verdict(CLAIMS[2], None, "one model size only")
     over = [p for p in points if p["accuracy"] > p["ceiling"] + 2 * se(p)]
-    v4 = lib.Verdict(CLAIMS[3], not over, f"highest accuracy {max(p['accuracy'] for p in points):.3f}"
+    best = max(p['accuracy'] for p in points)
+    v4 = lib.Verdict(CLAIMS[3], not over, f"highest accuracy {best:.3f}"
                      f" vs ceiling {np.mean([p['ceiling'] for p in points]):.3f}"
                      + (f"; above it: {[(p['model'], p['labels']) for p in over]}" if over else ""))
     return [v1, v2, v3, v4]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from experiments import lib
+from rlhf_jax import bon
 from rlhf_jax.sim.judges import get_judge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,8 @@ def test_fit_recovers_coefficients_of_its_form(form, alpha, beta):
 
 
 def test_fit_peaks_match_calculus():
-    bon = lib.GaoFit("bon", 1.2, 0.3, 1.0, 5)
-    assert bon.peak_d == pytest.approx(2.0)  # d (1.2 - 0.3 d) peaks at 1.2 / 0.6
+    fit = lib.GaoFit("bon", 1.2, 0.3, 1.0, 5)
+    assert fit.peak_d == pytest.approx(2.0)  # d (1.2 - 0.3 d) peaks at 1.2 / 0.6
     rl = lib.GaoFit("rl", 1.0, 0.5, 1.0, 5)
     dd = np.linspace(0.01, 20, 200_001)
     assert rl.peak_d == pytest.approx(dd[np.argmax(rl(dd))], rel=1e-3)  # exp(alpha/beta - 1)
@@ -59,8 +60,10 @@ def test_fit_weights_and_errors():
     r = d * (1.0 - 0.2 * d)
     outlier = r.copy()
     outlier[3] += 1.0
-    loose = lib.fit_gao("bon", d, outlier, se=[0.01, 0.01, 0.01, 100.0])  # the outlier barely counts
-    assert loose.alpha == pytest.approx(1.0, abs=0.02) and loose.beta == pytest.approx(0.2, abs=0.02)
+    # The outlier's large SE leaves the fit on the other three points.
+    loose = lib.fit_gao("bon", d, outlier, se=[0.01, 0.01, 0.01, 100.0])
+    assert loose.alpha == pytest.approx(1.0, abs=0.02)
+    assert loose.beta == pytest.approx(0.2, abs=0.02)
     with pytest.raises(Exception, match="fit form"):
         lib.fit_gao("linear", d, r)
     with pytest.raises(Exception, match="at least 2"):
@@ -79,7 +82,7 @@ def test_paired_peak_and_drop_with_bootstrap():
     rng = np.random.default_rng(1)
     base = np.array([0.0, 0.3, 0.5, 0.4, 0.2])
     per_prompt = base + rng.normal(0, 0.05, (400, 1))  # a shared per-prompt offset
-    pd = lib.peak_drop(per_prompt)
+    pd = bon.peak_drop(per_prompt)
     assert pd["peak_index"] == 2 and pd["drop"] == pytest.approx(0.3)
     assert pd["drop_se"] < 1e-9  # paired: the prompt offsets cancel exactly
     r = {"rise": 0.5, "rise_se": 0.01, "peak_n": 4, "n_max": 16, "drop": 0.3, "drop_se": 0.01}
@@ -87,6 +90,42 @@ def test_paired_peak_and_drop_with_bootstrap():
     assert not lib.bon_falls({**r, "peak_n": 16})
     assert lib.powers_of_two(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert lib.powers_of_two(20) == [1, 2, 4, 8, 16, 20]
+
+
+def _synthetic_samples(P: int = 300, N: int = 64, seed: int = 0) -> lib.BonSamples:
+    """Two proxies on the same samples: `honest` is the gold itself; `hacked` keeps rising where
+    the gold (x - 0.35 x^2 of a latent x, peaking at x = 1.4) turns down."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(P, N))
+    gold = x - 0.35 * x * x
+    ids = [[(p, j) for j in range(N)] for p in range(P)]
+    return lib.BonSamples([f"p{p}" for p in range(P)], [[""] * N for _ in range(P)], ids,
+                          {"honest": gold, "hacked": x}, {"g": gold})
+
+
+def test_bon_analysis_finds_over_optimization_only_where_it_is():
+    from experiments import gao_bon
+
+    samples = _synthetic_samples()
+    ns = lib.powers_of_two(64)
+    info = {"honest": {"model": "m", "labels": 800, "params": 1, "accuracy": 1.0},
+            "hacked": {"model": "m", "labels": 200, "params": 1, "accuracy": 0.7}}
+    points, res = lib.bon_analysis(samples, info, "g", ("g",), ns, n_boot=200)
+    assert len(points) == 2 * len(ns) and {p["rm"] for p in points} == {"honest", "hacked"}
+    h, k = res["honest"], res["hacked"]
+    # Best of n by the gold itself only rises; by the hacked proxy it rises, peaks and falls.
+    assert h["peak_n"] == 64 and not lib.bon_falls(h) and h["proxy_monotone"]
+    assert lib.bon_falls(k) and 1 < k["peak_n"] < 64 and k["proxy_monotone"]
+    assert k["gold_fit"]["beta"] > 0 and k["gold_fit"]["peak_d"] < h["gold_fit"]["peak_d"]
+    # Points are the estimator's numbers: n = 1 is the mean gold, n = N the proxy-best's gold.
+    last = [p for p in points if p["rm"] == "hacked" and p["n"] == 64][0]
+    g, x = samples.gold["g"], samples.proxy["hacked"]
+    assert last["gold"] == pytest.approx(g[np.arange(len(g)), x.argmax(1)].mean())
+    assert k["gold_n1"] == pytest.approx(g.mean())
+    v = gao_bon.verdicts(res)  # fewer labels (the hacked proxy) peaks earlier: all three hold
+    assert [x.held for x in v] == [True, True, True]
+    v = gao_bon.verdicts({"honest": h})
+    assert [x.held for x in v] == [True, False, None]
 
 
 def test_config_diff_and_trials_rerun_a_stage_config_exactly(tmp_path):
@@ -199,8 +238,13 @@ def test_lm_loss_matches_one_unpadded_pass():
 @pytest.fixture(scope="module")
 def figure_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("figures")
+    # One device; a persistent compilation cache shared by the figures' processes, so a program
+    # that several stages or figures compile (same model, same shapes) compiles once.
     env = {**os.environ, "RLHF_JAX_CACHE": str(root / "cache"), "XLA_FLAGS": "",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     return root, env
 
 
@@ -231,7 +275,8 @@ def test_tiny_gao_bon(figure_env):
 
 def test_tiny_gao_rl(figure_env):
     s, out, _ = _run_figure("gao_rl", figure_env)
-    assert out.count("[trial] reusing") == 0 and "reusing" in out  # gao_bon's RMs and SFT
+    # gao_bon's SFT policy and both its proxy RMs are reused, not retrained.
+    assert "[sft sim-0.1m] reusing" in out and out.count("[trial] reusing") == 2
     for r in s["runs"].values():
         assert r["gold_fit"]["form"] == "rl" and r["last_step"] == 6
 
@@ -258,6 +303,12 @@ def test_tiny_alignment_tax(figure_env):
 
 
 def test_tiny_frontier(figure_env):
-    s, out, _ = _run_figure("frontier", figure_env)
-    assert s["methods"] == ["ppo", "dpo", "bon"] and set(s["fits"]) == {"ppo", "dpo", "bon"}
+    s, out, out_dir = _run_figure("frontier", figure_env)
+    methods = ["ppo", "dpo", "rloo", "grpo", "bon"]
+    assert s["methods"] == methods and set(s["fits"]) == set(methods)
+    with open(out_dir / "frontier.csv") as f:
+        rows = list(csv.DictReader(f))
+    trained = {r["method"]: r for r in rows if r["method"] in ("rloo", "grpo")}
+    assert float(trained["rloo"]["value"]) == 0.02 and float(trained["grpo"]["value"]) == 0.04
+    assert all(float(r["kl"]) >= 0 for r in rows if r["method"] != "sft")
     assert "[trial] reusing" in out  # PPO beta=0.02 is alignment_tax's ptx=0 run
