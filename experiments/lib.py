@@ -379,6 +379,7 @@ def run_trials(trials: list, sweep_dir: Path, workers: int) -> list[dict]:
     """
     from rlhf_jax import sweep
 
+    trials = [_same_config_done(t, sweep_dir) for t in trials]
     if workers > 0:
         rows = sweep.run_pool(trials, sweep.local_slots(workers), sweep_dir)
     else:
@@ -390,6 +391,22 @@ def run_trials(trials: list, sweep_dir: Path, workers: int) -> list[dict]:
                         f"(first: {bad[0]['trial']}, {bad[0]['status']})",
                         f"read {bad[0]['log']}; rerunning resumes unfinished trials")
     return rows
+
+
+def _same_config_done(trial, sweep_dir: Path):
+    """`trial`, or, when it has not finished but a trial of the same key (the same resolved
+    config, reached through other overrides: PPO's `kl.beta=0.02` of one figure is another's
+    `ptx.coef=0.0` at that beta) finished in `sweep_dir`, that trial's directory instead."""
+    from rlhf_jax.sweep import local
+
+    if local.finished(trial) is not None or not sweep_dir.is_dir():
+        return trial
+    for d in sorted(sweep_dir.iterdir()):
+        marker = local.read_json(d / local.MARKER)
+        if marker and marker.get("key") == trial.key and marker.get("status") == local.DONE:
+            print(f"[trial] same config as {d.name}: {trial.name}", flush=True)
+            return dataclasses.replace(trial, workdir=str(d))
+    return trial
 
 
 def _run_inline(trial) -> dict:

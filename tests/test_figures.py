@@ -149,6 +149,21 @@ def test_config_diff_and_trials_rerun_a_stage_config_exactly(tmp_path):
     assert tuple(parsed[0].eval.judges) == ("vader",)
     assert trials[0].name.startswith("data.source.num_train=50") and trials[0].key != trials[1].key
 
+    # The same resolved config reached through other overrides runs once: the second figure's
+    # trial is pointed at the first one's finished directory.
+    from rlhf_jax.sweep import local
+
+    (a,) = lib.stage_trials(cfg, ROOT / "configs/rm_sim.py", [{"data.source.num_train": 123}],
+                            tmp_path / "same")
+    (b,) = lib.stage_trials(cfg, ROOT / "configs/rm_sim.py", [{"init_from": "runs/somewhere"}],
+                            tmp_path / "same")
+    assert a.key == b.key and a.workdir != b.workdir
+    assert lib._same_config_done(b, tmp_path / "same") == b  # nothing finished yet
+    Path(a.workdir).mkdir(parents=True)
+    local.write_json(Path(a.workdir) / local.MARKER, {"key": a.key, "status": local.DONE})
+    assert lib._same_config_done(b, tmp_path / "same").workdir == a.workdir
+    assert lib._same_config_done(trials[0], tmp_path / "same") == trials[0]  # other key
+
 
 def test_frontier_envelope_and_dominance():
     from experiments import frontier
@@ -311,4 +326,5 @@ def test_tiny_frontier(figure_env):
     trained = {r["method"]: r for r in rows if r["method"] in ("rloo", "grpo")}
     assert float(trained["rloo"]["value"]) == 0.02 and float(trained["grpo"]["value"]) == 0.04
     assert all(float(r["kl"]) >= 0 for r in rows if r["method"] != "sft")
-    assert "[trial] reusing" in out  # PPO beta=0.02 is alignment_tax's ptx=0 run
+    # PPO at beta = 0.02 is alignment_tax's ptx = 0 run (same resolved config): not retrained.
+    assert "[trial] same config as ptx.coef=0" in out
