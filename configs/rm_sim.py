@@ -21,6 +21,8 @@ import ml_collections
 
 from rlhf_jax import config_utils
 
+ENTRY = "rlhf_jax.rm"  # the program `python -m rlhf_jax.sweep` runs for each trial
+
 
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)

@@ -18,14 +18,14 @@ Writes `<workdir>/bon.csv`, `<workdir>/bon.png` (gold and proxy vs sqrt(KL)) and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax import bon, evaluation, handoff, rng
+from experiments import lib
+from rlhf_jax import bon, rng
 from rlhf_jax.errors import UserError
 from rlhf_jax.trainer import Placement
 
@@ -43,58 +43,33 @@ def stage_dirs(config) -> tuple[Path, Path]:
     return dirs["sft"], dirs["rm"]
 
 
-@dataclasses.dataclass
-class Samples:
-    proxy: np.ndarray  # [P, N] normalised RM score
-    gold: dict[str, np.ndarray]  # judge -> [P, N]
-    output_ids: list[list[tuple]]  # [P][N] response token ids (for the empirical KL)
-    primary: str
-    prompts: list[str]
-    responses: list[str]  # P x N, prompt-major
-
-
-def sample_and_score(config, sft_dir: Path, rm_dir: Path) -> Samples:
-    """N samples of each of the first `num_prompts` held-out prompts, scored by RM and judges."""
+def sample_and_score(config, sft_dir: Path, rm_dir: Path) -> lib.BonSamples:
+    """N samples of each of the first `num_prompts` held-out prompts, scored by the RM (proxy
+    "rm") and every judge of `config.eval.judges` (`lib.bon_samples`, on the SFT stage's mesh)."""
     from rlhf_jax.data import sources
 
     n = int(config.n)
     if n < 1:
         raise UserError("config.n", f"{n} must be >= 1", "e.g. 16 (256 for Gao et al.'s range)")
-    place = Placement(config.pipeline.sft)  # the SFT stage's mesh, as the pipeline compares
-    sft = handoff.load_policy(str(sft_dir), shardings=place.model_shardings,
-                              field="config.sft_from")
-    reward = handoff.load_reward_model(str(rm_dir), shardings=place.model_shardings,
-                                       field="config.rm_from")
-    handoff.check_norm_sampling(reward.reward_norm, config.eval.temperature,
-                                config.eval.max_new_tokens, "config.eval")
-    tokenizer, _ = handoff.tokenizer_for("", sft.meta)
+    judges = tuple(config.eval.judges)
+    if not config.eval.gold or config.eval.gold not in judges:
+        raise UserError("config.eval.gold", f"{config.eval.gold!r} is not one of config.eval."
+                        f"judges {judges}", "best-of-n needs a gold judge among the judges")
     prompts = sources.from_config(config.prompts, "config.prompts").prompts("eval")
-    pe = evaluation.PolicyEval.from_config(config.eval, prompts, tokenizer, reward=reward,
-                                           place=place)
-    if not pe.gold:
-        raise UserError("config.eval.gold", "is empty", "best-of-n needs a gold judge")
-    P = len(pe.prompts)
-    many = dataclasses.replace(pe, prompts=[p for p in pe.prompts for _ in range(n)])
-    samples = many.sample(sft.cfg, sft.params,
-                          rng.key(config.seed, rng.Purpose.BEST_OF_N_CURVES))
-    _, rows = many.score(sft.cfg, sft.params, samples)
-    toks, lengths = np.asarray(samples["tokens"]), np.asarray(samples["lengths"])
-    ids = [tuple(toks[i, :lengths[i]].tolist()) for i in range(P * n)]
-    return Samples(proxy=np.asarray(rows["rm_score"]).reshape(P, n),
-                   gold={j: np.asarray(rows[f"gold/{j}"]).reshape(P, n) for j in pe.judges},
-                   output_ids=[ids[p * n:(p + 1) * n] for p in range(P)], primary=pe.gold,
-                   prompts=pe.prompts, responses=list(rows["response"]))
+    return lib.bon_samples(sft_dir, {"rm": rm_dir}, prompts[:int(config.eval.num_prompts)], n,
+                           config.eval, judges,
+                           rng.key(config.seed, rng.Purpose.BEST_OF_N_CURVES),
+                           place=Placement(config.pipeline.sft), field="config.eval")
 
 
-def verdict(s: Samples, n_boot: int, seed: int) -> dict:
+def verdict(s: lib.BonSamples, gold: str, n_boot: int, seed: int) -> dict:
     """Best-of-N's gold vs SFT's (n = 1) on the same samples: both estimates with SEs, and the
     paired per-prompt difference with its bootstrap SE."""
-    N = s.proxy.shape[1]
-    per_prompt = bon.expected_best_of_n(s.proxy, s.gold[s.primary], [1, N])
-    diff = per_prompt[:, 1] - per_prompt[:, 0]
+    N = s.proxy["rm"].shape[1]
+    per_prompt = s.per_prompt("rm", gold, [1, N])
     se = bon.bootstrap_se(per_prompt, n_boot, seed)
-    diff_se = float(bon.bootstrap_se(diff[:, None], n_boot, seed)[0])
-    d = float(diff.mean())
+    pd = bon.paired_diff(per_prompt, 1, 0, n_boot, seed)
+    d, diff_se = pd["diff"], pd["se"]
     z = d / diff_se if diff_se > 0 else float("inf") * np.sign(d)
     if abs(z) < 2:
         word = "not distinguishable from SFT's (|diff| < 2 SE)"
@@ -112,17 +87,16 @@ def run(config) -> dict:
     sft_dir, rm_dir = stage_dirs(config)
     t_stages = time.perf_counter() - t0
     s = sample_and_score(config, sft_dir, rm_dir)
-    P, N = s.proxy.shape
-    rows = bon.bon_curves(s.proxy, s.gold[s.primary], output_ids=s.output_ids,
-                          n_boot=int(config.n_boot), seed=int(config.seed))
+    gold = str(config.eval.gold)
+    P, N = s.proxy["rm"].shape
+    rows = s.curves("rm", gold, None, n_boot=int(config.n_boot), seed=int(config.seed))
     paths = bon.write_curves(rows, str(root), name="bon", overwrite=bool(config.overwrite),
                              title=f"best-of-n of SFT: {P} prompts x {N} samples "
-                                   f"(gold = {s.primary})")
-    v = verdict(s, int(config.n_boot), int(config.seed))
+                                   f"(gold = {gold})")
+    v = verdict(s, gold, int(config.n_boot), int(config.seed))
     # Every judge's best-of-n means (the primary one is in the CSV with SEs).
-    judges = {j: bon.expected_best_of_n(s.proxy, g).mean(axis=0).tolist()
-              for j, g in s.gold.items()}
-    summary = {"curves": rows, "verdict": v, "judges_by_n": judges, "gold_judge": s.primary,
+    judges = {j: s.per_prompt("rm", j, None).mean(axis=0).tolist() for j in s.gold}
+    summary = {"curves": rows, "verdict": v, "judges_by_n": judges, "gold_judge": gold,
                "prompts": P, "samples_per_prompt": N, "sft_dir": str(sft_dir),
                "rm_dir": str(rm_dir), "files": paths,
                "seconds": {"stages": round(t_stages, 1),

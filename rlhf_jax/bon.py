@@ -111,6 +111,26 @@ def bootstrap_se(per_prompt, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     return means.std(axis=0, ddof=1).reshape(x.shape[1:])
 
 
+def paired_diff(per_prompt, i: int, j: int, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean over prompts of point i minus point j of per-prompt curves [P, points] (e.g. the
+    `expected_best_of_n` of two n), with its bootstrap SE paired over prompts: the same prompts'
+    samples give both points, so their per-prompt offsets cancel."""
+    x = np.asarray(per_prompt, np.float64)
+    diff = x[:, i] - x[:, j]
+    return {"diff": float(diff.mean()), "se": float(bootstrap_se(diff[:, None], n_boot, seed)[0])}
+
+
+def peak_drop(per_prompt, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Where the mean curve over prompts [P, points] peaks, and how far its last point lies below
+    the peak, with the paired bootstrap SE of that drop (over-optimisation: Gao et al. 2022)."""
+    x = np.asarray(per_prompt, np.float64)
+    mean = x.mean(axis=0)
+    i = int(np.argmax(mean))
+    d = paired_diff(x, i, -1, n_boot, seed)
+    return {"peak_index": i, "peak": float(mean[i]), "last": float(mean[-1]),
+            "drop": d["diff"], "drop_se": d["se"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # KL of best-of-n for discrete outputs.
 

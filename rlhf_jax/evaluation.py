@@ -140,6 +140,36 @@ def sequence_kl(cfg: models.ModelConfig, params, ref_params, seq_tokens, seq_mas
                        ops.row_multiple(place))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _lm_loss_jit(cfg, params, batch):
+    nll, aux = ops.lm_loss_sums(cfg, params, batch)
+    return nll, aux["count"]
+
+
+def lm_loss(cfg: models.ModelConfig, params, tokenizer, texts: Sequence[str], *, seq_len: int,
+            batch_size: int = 64, place=None) -> dict[str, float]:
+    """A policy's pretraining loss on `texts`: mean next-token NLL in nats per token, every
+    token a target, texts packed into rows of `seq_len` (what pretraining and PPO-ptx optimise,
+    `ops.lm_loss_sums`). Its rise after RL on held-out pretraining text is InstructGPT's
+    "alignment tax" (Ouyang et al. 2022). Rows are padded to whole batches with rows that
+    carry no target, so every batch compiles to one shape and no token counts twice.
+    Returns {"loss", "tokens", "rows"}.
+    """
+    batch, _ = tokenize.encode_lm(tokenizer, list(texts), seq_len, pack=True)
+    n = batch["tokens"].shape[0]
+    bs = -(-min(batch_size, n) // ops.row_multiple(place)) * ops.row_multiple(place)
+    pad = -n % bs
+    if pad:
+        batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
+        batch["loss_mask"][n:] = 0
+    nll = count = 0.0
+    for start in range(0, n + pad, bs):
+        chunk = _global(place, {k: v[start:start + bs] for k, v in batch.items()})
+        a, b = jax.device_get(_lm_loss_jit(cfg, params, chunk))
+        nll, count = nll + float(a), count + float(b)
+    return {"loss": nll / max(count, 1.0), "tokens": int(count), "rows": int(n)}
+
+
 def gold_scores(judges: dict, prompts: Sequence[str], responses: Sequence[str]):
     """{judge name: float64 [N]} of every judge."""
     return {name: np.asarray(j.score(list(prompts), list(responses)), np.float64)

@@ -32,7 +32,8 @@ def test_best_of_n_tiny(tmp_path, capsys, monkeypatch):
                         lambda *a: seen.setdefault("s", real(*a)))
     summary = best_of_n.run(config)
     s = seen["s"]
-    assert s.proxy.shape == (PROMPTS, N) and s.primary == "vader"
+    proxy = s.proxy["rm"]
+    assert proxy.shape == (PROMPTS, N) and set(s.gold) == {"vader", "vader_trap"}
     with open(work / "bon.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["n"]) for r in rows] == list(range(1, N + 1))
@@ -42,11 +43,11 @@ def test_best_of_n_tiny(tmp_path, capsys, monkeypatch):
     # n = 1 is the plain mean of all samples; n = N the mean of each prompt's proxy-best
     # (ties share their mean); in between, the brute-force estimator of rlhf_jax.bon.
     assert col["gold"][0] == pytest.approx(s.gold["vader"].mean())
-    best = np.argmax(s.proxy, axis=1)
-    assert not np.any(np.sum(s.proxy == s.proxy.max(1, keepdims=True), axis=1) > 1)  # no ties
+    best = np.argmax(proxy, axis=1)
+    assert not np.any(np.sum(proxy == proxy.max(1, keepdims=True), axis=1) > 1)  # no ties
     assert col["gold"][-1] == pytest.approx(s.gold["vader"][np.arange(PROMPTS), best].mean())
     np.testing.assert_allclose(col["gold"],
-                               bon.expected_best_of_n(s.proxy, s.gold["vader"]).mean(0))
+                               bon.expected_best_of_n(proxy, s.gold["vader"]).mean(0))
     assert np.all(np.diff(col["proxy"]) >= -1e-9)  # E[max of n] grows with n
     np.testing.assert_allclose(col["kl_bon"], np.log(np.arange(1, N + 1))
                                - (np.arange(N)) / np.arange(1, N + 1), atol=1e-12)

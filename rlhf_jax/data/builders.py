@@ -646,6 +646,13 @@ def load_prompts(source, split: str = "train", where: str = "config.data.source"
     return prompts, stats
 
 
+def judge_version(name: str):
+    """A judge's `VERSION` (part of its comparison datasets' cache key), None if it has none."""
+    from rlhf_jax.sim.judges import get_judge
+
+    return getattr(get_judge(name), "VERSION", None)
+
+
 def load_comparisons(source, split: str = "train", where: str = "config.data.source"):
     """Simulated comparisons: (records, stats); stats["tau"] is the annotators' temperature.
 
@@ -672,6 +679,9 @@ def load_comparisons(source, split: str = "train", where: str = "config.data.sou
         raise UserError(f"{where}.judge", f"unknown judge {params['judge']!r}",
                         f"registered: {available_judges()}")
     params.update(_comparison_options(src, params))
+    version = judge_version(params["judge"])
+    if version is not None:  # a judge whose definition changed must not reuse stale labels
+        params["judge_version"] = version
     builder, stats = build("sim_comparisons", params, _data_dir(src), where)
     fields = ("prompt", "responses", "ranks", "gold", "kinds", "annotator", "bucket", "source")
     rows = _read(builder, split, fields, where)
