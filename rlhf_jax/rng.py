@@ -28,6 +28,7 @@ class Purpose(enum.IntEnum):
     RM_EVAL = 3000  # fresh samples that an RM evaluation scores
     COMPARE = 1234  # the pipeline's method comparison (index: method)
     BEST_OF_N = 4000  # best-of-n candidate samples (index: chunk)
+    PROBES = 5000  # failure-mode probe samples: a fold of a policy evaluation's key
 
 
 class StepUse(enum.IntEnum):
