@@ -220,6 +220,21 @@ def parse_config_argv(argv: Sequence[str], name: str = "config") -> ml_collectio
     return config
 
 
+def run_stage(run: Callable[[ml_collections.ConfigDict], dict],
+              keys: Sequence[str] | None = None) -> None:
+    """`python -m rlhf_jax.<stage>`: `run(config)` through `run_with_config`, then print the
+    summary's `keys` (all of it when None) as JSON."""
+    def main(config):
+        from rlhf_jax.metrics import to_python
+
+        summary = run(config)
+        shown = summary if keys is None else {k: summary[k] for k in keys if k in summary}
+        print(json.dumps(to_python(shown), indent=2, default=str))
+        return summary
+
+    run_with_config(main)
+
+
 def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str = "config",
                     argv: Sequence[str] | None = None):
     """Entry point: `absl.app.run` whose argv is `--config=file.py:arg --config.a.b=v ...`.
@@ -389,6 +404,18 @@ def policy_eval_config(**overrides) -> ml_collections.ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def check_choice(config, path: str, choices: Sequence[str]) -> None:
+    """Fail with a UserError naming `config.<path>` unless its value is one of `choices`."""
+    from rlhf_jax.errors import UserError
+
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    if node not in choices:
+        raise UserError(f"config.{path}", f"{node!r} is not one of the options",
+                        f"use one of {tuple(choices)}")
 
 
 def check_number(config, path: str, kind=(int, float), *, strict: bool = True,

@@ -98,18 +98,14 @@ def validate_config(config) -> None:
     if not config.init_from:
         raise UserError("config.init_from", "is empty", "give the SFT stage's work dir")
     d = config.dpo
-    if d.loss not in LOSSES:
-        raise UserError("config.dpo.loss", f"{d.loss!r} is not a DPO loss", f"use one of {LOSSES}")
-    if d.reference not in REFERENCES:
-        raise UserError("config.dpo.reference", f"{d.reference!r} is not a reference mode",
-                        f"use one of {REFERENCES}")
+    config_utils.check_choice(config, "dpo.loss", LOSSES)
+    config_utils.check_choice(config, "dpo.reference", REFERENCES)
     config_utils.check_number(config, "dpo.beta")
     config_utils.check_number(config, "dpo.label_smoothing", strict=False, upper=0.5)
     if d.loss == "ipo" and d.label_smoothing:
         raise UserError("config.dpo.label_smoothing", "applies to the sigmoid loss", "set 0")
-    if config.data.candidates not in preferences.CANDIDATES:
-        raise UserError("config.data.candidates", f"{config.data.candidates!r} is not a "
-                        "candidate source", f"use one of {preferences.CANDIDATES}")
+    config_utils.check_choice(config, "data.candidates", preferences.CANDIDATES)
+    config_utils.check_choice(config, "data.pairs", preferences.PAIR_MODES)
     if config.train.epochs < 0:
         raise UserError("config.train.epochs", f"{config.train.epochs} must be >= 0", "")
 
@@ -147,9 +143,7 @@ def run(config) -> dict:
     validate_config(config)
     source = sources.from_config(config.data.source)
     place = trainer_lib.Placement(config)
-    policy = handoff.load_policy(config.init_from, shardings=place.model_shardings)
-    tokenizer, tok_dir = handoff.tokenizer_for(config.tokenizer, policy.meta, source.spec)
-    handoff.check_vocab(tokenizer, policy.cfg, "config.tokenizer")
+    policy, tokenizer, tok_dir = handoff.load_policy_and_tokenizer(config, place, source.spec)
     cfg, d = policy.cfg, config.dpo
     arrays, pairs, data_stats = load_pairs(config, source, policy, tokenizer, place)
     if d.reference == "precompute":
@@ -205,16 +199,5 @@ def run(config) -> dict:
     return dict(tr.summary)
 
 
-def main(config) -> dict:
-    import json
-
-    from rlhf_jax.metrics import to_python
-
-    summary = run(config)
-    keys = ("sft", "dpo", "win_rate_vs_sft", "held_out")
-    print(json.dumps(to_python({k: summary[k] for k in keys if k in summary}), indent=2))
-    return summary
-
-
 if __name__ == "__main__":
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("sft", "dpo", "win_rate_vs_sft", "held_out"))

@@ -202,6 +202,16 @@ def tokenizer_for(tokenizer_field: str, meta: Mapping, source: Mapping | None = 
     return tok, str(path)
 
 
+def load_policy_and_tokenizer(config, place, source: Mapping | None = None):
+    """(policy, tokenizer, tokenizer dir) of a stage that starts from `config.init_from` (with an
+    optional `config.tokenizer` override), the policy on `place`'s mesh; the tokenizer must fit
+    the model's vocabulary."""
+    policy = load_policy(config.init_from, shardings=place.model_shardings)
+    tokenizer, tok_dir = tokenizer_for(config.get("tokenizer", ""), policy.meta, source)
+    check_vocab(tokenizer, policy.cfg, "config.tokenizer")
+    return policy, tokenizer, tok_dir
+
+
 def check_vocab(tokenizer, cfg: models.ModelConfig, where: str) -> None:
     if len(tokenizer) > cfg.vocab_size:
         raise UserError(where, f"the tokenizer has {len(tokenizer)} tokens but the model's "

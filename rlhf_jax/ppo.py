@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -434,9 +433,7 @@ def zero_value_head(cfg: models.ModelConfig) -> dict:
 
 def validate_config(config) -> None:
     """PPO fields, checked before anything loads or compiles (the Trainer checks the rest)."""
-    if config.value_from not in VALUE_FROM:
-        raise UserError("config.value_from", f"{config.value_from!r} is not a value init",
-                        f"use one of {VALUE_FROM}")
+    config_utils.check_choice(config, "value_from", VALUE_FROM)
     for field, what in (("init_from", "SFT"), ("reward_from", "reward model")):
         if not config[field]:
             raise UserError(f"config.{field}", "is empty",
@@ -460,11 +457,8 @@ def validate_config(config) -> None:
     for name in ("gamma", "lam"):
         check(f"ppo.{name}", strict=False, upper=1.0)
     k = config.kl
-    if k.mode not in KL_MODES:
-        raise UserError("config.kl.mode", f"{k.mode!r} is not a KL mode", f"use one of {KL_MODES}")
-    if k.loss_estimator not in KL_ESTIMATORS:
-        raise UserError("config.kl.loss_estimator", f"{k.loss_estimator!r} is not an estimator",
-                        f"use one of {KL_ESTIMATORS}")
+    config_utils.check_choice(config, "kl.mode", KL_MODES)
+    config_utils.check_choice(config, "kl.loss_estimator", KL_ESTIMATORS)
     check("kl.beta", strict=False)
     if k.adaptive:
         check("kl.target")
@@ -598,14 +592,5 @@ def run(config) -> dict:
     return dict(tr.summary)
 
 
-def main(config) -> dict:
-    from rlhf_jax.metrics import to_python
-
-    summary = run(config)
-    keys = ("sft", "ppo", "win_rate_vs_sft", "beta")
-    print(json.dumps(to_python({k: summary[k] for k in keys if k in summary}), indent=2))
-    return summary
-
-
 if __name__ == "__main__":
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("sft", "ppo", "win_rate_vs_sft", "beta"))

@@ -129,18 +129,12 @@ def validate_config(config) -> None:
     if not config.init_from:
         raise UserError("config.init_from", "is empty", "the reward model starts from a "
                         "finished SFT stage's work dir (or zoo:<preset> / hf:<dir>)")
-    if config.loss.kind not in LOSS_KINDS:
-        raise UserError("config.loss.kind", f"{config.loss.kind!r} is not a loss",
-                        f"use one of {LOSS_KINDS}")
+    config_utils.check_choice(config, "loss.kind", LOSS_KINDS)
     if config.loss.margin and config.loss.kind == "best_of_k":
         raise UserError("config.loss.margin", "applies to the pairwise / kwise losses",
                         "set it to 0 for best_of_k")
-    if config.norm.method not in rewards.NORM_METHODS:
-        raise UserError("config.norm.method", f"{config.norm.method!r} is not a normalisation",
-                        f"use one of {rewards.NORM_METHODS}")
-    if config.data.candidates not in preferences.CANDIDATES:
-        raise UserError("config.data.candidates", f"{config.data.candidates!r} is not a "
-                        "candidate source", f"use one of {preferences.CANDIDATES}")
+    config_utils.check_choice(config, "norm.method", rewards.NORM_METHODS)
+    config_utils.check_choice(config, "data.candidates", preferences.CANDIDATES)
     kind = config.data.source.kind
     if kind not in ("sim", "preference_files"):
         raise UserError("config.data.source.kind", f"{kind!r} has no comparisons",
@@ -248,9 +242,7 @@ def run(config) -> dict:
     # The SFT policy: its trunk starts the RM; it is also the reference policy whose samples
     # fit the normalisation (and are labelled for candidates=policy).
     place = trainer_lib.Placement(config)
-    policy = handoff.load_policy(config.init_from, shardings=place.model_shardings)
-    tokenizer, tok_dir = handoff.tokenizer_for(config.tokenizer, policy.meta, source.spec)
-    handoff.check_vocab(tokenizer, policy.cfg, "config.tokenizer")
+    policy, tokenizer, tok_dir = handoff.load_policy_and_tokenizer(config, place, source.spec)
     cfg = policy.cfg
 
     records, load_stats = preferences.load_comparisons(
@@ -337,15 +329,6 @@ def run(config) -> dict:
     return out
 
 
-def main(config) -> dict:
-    import json
-
-    summary = run(config)
-    keys = ("held_out_accuracy", "gold_ceiling_accuracy", "gap_to_ceiling", "judge_agreement",
-            "probes", "reward_norm", "runtime_seconds")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
-    return summary
-
-
 if __name__ == "__main__":
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("held_out_accuracy", "gold_ceiling_accuracy", "gap_to_ceiling",
+                                "judge_agreement", "probes", "reward_norm", "runtime_seconds"))

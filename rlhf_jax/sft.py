@@ -20,7 +20,6 @@ from rlhf_jax import config_utils, handoff, models, optim
 from rlhf_jax import trainer as trainer_lib
 from rlhf_jax.data import sources, tokenize
 from rlhf_jax.data.iterators import ArrayIterator
-from rlhf_jax.errors import UserError
 from rlhf_jax.evaluation import PolicyEval
 from rlhf_jax.ops import lm_loss_sums
 from rlhf_jax.rng import Purpose
@@ -97,9 +96,7 @@ def _encode(config, source, tokenizer, split):
 
 def run(config) -> dict:
     """(config, init checkpoint, data) -> `workdir/final` params + metrics + summary.json."""
-    if config.objective not in OBJECTIVES:
-        raise UserError("config.objective", f"{config.objective!r} is not an objective",
-                        f"use one of {OBJECTIVES}")
+    config_utils.check_choice(config, "objective", OBJECTIVES)
     tr = trainer_lib.Trainer(config, config.objective)
     cfg, init, tokenizer, _ = _model(config, tr)
     source = sources.from_config(config.data.source)
@@ -152,13 +149,5 @@ def run(config) -> dict:
     return summary
 
 
-def main(config) -> dict:
-    import json
-
-    summary = run(config)
-    print(json.dumps(summary, indent=2, default=str))
-    return summary
-
-
 if __name__ == "__main__":
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, None)

@@ -221,5 +221,5 @@ def test_verbose_adds_the_traceback(env):
                  f"--config.workdir={env['root'] / 'w' / 'v'}", "--config.objective=rl"], env)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "sft.py" in proc.stderr
-    assert proc.stderr.splitlines()[-1] == ("error: config.objective: 'rl' is not an objective; "
-                                            "use one of ('sft', 'pretrain')")
+    assert proc.stderr.splitlines()[-1] == ("error: config.objective: 'rl' is not one of the "
+                                            "options; use one of ('sft', 'pretrain')")

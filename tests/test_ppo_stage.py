@@ -148,7 +148,7 @@ def test_ppo_hf_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--config.kl.mode=both", "config.kl.mode: 'both' is not a KL mode"),
+    ("--config.kl.mode=both", "config.kl.mode: 'both' is not one of the options"),
     ("--config.value_from=critic", "config.value_from: 'critic'"),
     ("--config.ppo.minibatches=3", "config.ppo.minibatches=3"),
     ("--config.eval.gold=oracle", "config.eval.gold: 'oracle'"),
