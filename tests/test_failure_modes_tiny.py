@@ -1,10 +1,12 @@
 """The failure-mode experiments' `:tiny` presets, end to end (issue 16).
 
-All four share one work dir, model cache and JAX compilation cache (a session fixture): the
-variant world's tiny base model, the SFT stage, the fixed-data RM and its RL run are trained by
-whichever test comes first and reused (zoo cache, stage keys, finished sweep trials) by the rest;
-the later trials' programs compile from the persistent cache. Nothing here needs to learn: the
-tiny budget checks that every piece runs and reports, not the verdicts.
+A session fixture runs `:tiny,failure=all` once in a shared work dir, model cache and JAX
+compilation cache: the variant world's tiny base model (zoo cache), SFT, the fixed-data RM and
+the four bug RMs, and PPO against each (sweep trials, two at a time). Each failure's own `:tiny`
+preset then runs in that work dir: it must find every stage and trial finished (SFT reused,
+trials skipped: their keys are their resolved configs) and write its CSV, PNG and verdict.
+Nothing here needs to learn: the tiny budget checks that every piece runs and reports, not the
+verdicts.
 """
 
 import csv
@@ -26,6 +28,14 @@ RM_PROBE = {"typos": "probe/rm_typo_margin", "refusal": "probe/rm_refusal_bounda
             "group": "probe/rm_group_positive_margin", "length": "probe/rm_typo_margin"}
 
 
+def _run(shared, failure):
+    cmd = [sys.executable, "-m", "experiments.failure_modes",
+           f"--config=configs/failure_modes.py:tiny,failure={failure}",
+           f"--config.workdir={shared['workdir']}"]
+    return subprocess.run(cmd, cwd=ROOT, env=shared["env"], capture_output=True, text=True,
+                          timeout=1800)
+
+
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("failure_modes")
@@ -33,23 +43,33 @@ def shared(tmp_path_factory):
            "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-    return {"env": env, "workdir": root / "run"}
+    shared = {"env": env, "workdir": root / "run"}
+    proc = _run(shared, "all")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shared["all"] = proc
+    return shared
 
 
-def _run(shared, failure):
-    cmd = [sys.executable, "-m", "experiments.failure_modes",
-           f"--config=configs/failure_modes.py:tiny,failure={failure}",
-           f"--config.workdir={shared['workdir']}"]
-    return subprocess.run(cmd, cwd=ROOT, env=shared["env"], capture_output=True, text=True,
-                          timeout=1200)
+def test_tiny_all_runs_every_trial_once(shared):
+    out = shared["all"]
+    for f in PANELS:
+        assert f"== {f}:" in out.stdout
+    summary = json.loads((shared["workdir"] / "summary.json").read_text())
+    assert summary["failures"] == list(PANELS)
+    assert set(summary["reproduced"]) == set(PANELS)
+    # The fixed-data RM and RL run serve every failure: 5 RMs and 5 PPO runs in all.
+    assert out.stderr.count("[sweep] done") == 10, out.stderr
 
 
 @pytest.mark.parametrize("failure", list(PANELS))
-def test_tiny_failure_mode_experiment(shared, failure):
+def test_tiny_failure_mode_preset(shared, failure):
     proc = _run(shared, failure)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = shared["workdir"] / failure
+    # Everything was finished by the fixture's run: reused, nothing trained again.
+    assert "[sft] reusing" in proc.stdout
+    assert proc.stderr.count("2 of 2 trials finished earlier: skipped") == 2, proc.stderr
     assert f"== {failure}:" in proc.stdout and "REPRODUCED" in proc.stdout
+    out = shared["workdir"] / failure
     rows = list(csv.DictReader(open(out / "points.csv")))
     by = {}
     for r in rows:
@@ -63,18 +83,7 @@ def test_tiny_failure_mode_experiment(shared, failure):
     png = out / f"{failure}.png"
     assert 5_000 < png.stat().st_size < 100_000
     verdict = json.loads((out / "verdict.json").read_text())
-    assert isinstance(verdict["reproduced"], bool) and isinstance(verdict["ppo"]["reproduced"],
-                                                                  bool)
+    assert isinstance(verdict["reproduced"], bool)
+    assert isinstance(verdict["ppo"]["reproduced"], bool)
     for cond in ("fixed", f"bug_{failure}"):
         assert math.isfinite(verdict["rm"][cond][RM_PROBE[failure]])
-    summary = json.loads((shared["workdir"] / "summary.json").read_text())
-    assert summary["failures"] == [failure]
-
-
-def test_tiny_rerun_reuses_every_stage_and_trial(shared):
-    if not (shared["workdir"] / "typos" / "verdict.json").exists():
-        assert _run(shared, "typos").returncode == 0
-    proc = _run(shared, "typos")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[sft] reusing" in proc.stdout
-    assert proc.stderr.count("2 of 2 trials finished earlier: skipped") == 2, proc.stderr
