@@ -1,11 +1,14 @@
-"""The main job: base model -> SFT -> RM -> PPO on the simulated world, then SFT vs PPO.
+"""The main job: base model -> SFT -> RM -> PPO (and other methods) on the simulated world, then
+each method vs SFT.
 
     python -m experiments.pipeline                                  # the default (~10 min, 2 CPUs)
     python -m experiments.pipeline --config.seed=1
     python -m experiments.pipeline --config=configs/pipeline_sim.py:tiny   # a test-sized run
     python -m experiments.pipeline --config.ppo.train.steps=300 --config.rm.loss.kind=pairwise
+    python -m experiments.pipeline --config.methods=ppo,dpo,rloo,grpo,bon --config.bon.n=16
 
-Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`) and takes the same
+Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`, `dpo`, and the
+critic-free `rloo`, `grpo`, `dr_grpo` from configs/pg_sim.py) and takes the same
 dotted overrides as when the stage runs alone; the pipeline sets their `workdir`, `init_from`,
 `reward_from` and `seed`. Preset keys: model, tiny.
 """
@@ -13,13 +16,16 @@ dotted overrides as when the stage runs alone; the pipeline sets their `workdir`
 import ml_collections
 
 from rlhf_jax import config_utils
-from configs import dpo_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
+from configs import dpo_sim, pg_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
 
 
 def _unlocked(c):
     c = c.copy_and_resolve_references()
     c.unlock()
     return c
+
+
+PG_METHODS = ("rloo", "grpo", "dr_grpo")
 
 
 def get_config(arg: str | None = None):
@@ -37,6 +43,13 @@ def get_config(arg: str | None = None):
     c.rm = _unlocked(rm_sim.get_config())
     c.ppo = _unlocked(ppo_sim.get_config())
     c.dpo = _unlocked(dpo_sim.get_config())  # its data.source is the RM's (experiments.pipeline)
+    for name in PG_METHODS:  # critic-free policy gradients (rlhf_jax.pg)
+        c[name] = _unlocked(pg_sim.get_config(f"method={name}"))
+        # Sampled like PPO: the RM's normalisation holds at these settings.
+        c[name].rollout.temperature = c.ppo.rollout.get_ref("temperature")
+        c[name].rollout.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
+        c[name].eval.temperature = c.ppo.rollout.get_ref("temperature")
+        c[name].eval.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
     # Methods trained from the same SFT policy and compared on the same held-out prompts.
     c.methods = "ppo"  # a comma list of experiments.pipeline.METHODS
     c.bon = ml_collections.ConfigDict(dict(n=16))  # best-of-n of the SFT policy, by the RM
@@ -75,6 +88,10 @@ def get_config(arg: str | None = None):
         c.ppo.train.steps = 40
         c.ppo.train.eval_every = 0
         c.ppo.eval.num_prompts = 64
+        for name in PG_METHODS:
+            c[name].train.steps = 40
+            c[name].train.eval_every = 0
+            c[name].eval.num_prompts = 64
         c.eval.num_prompts = 128
         c.eval.prompts.num_eval = 128
     c.lock()

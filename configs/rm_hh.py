@@ -49,6 +49,11 @@ def get_config(arg: str | None = None):
         candidates="dataset",  # real data: the responses in the files
         max_len=64 if smoke else 512,  # prompt is cut from the left to fit
     ))
+    # Sampling settings for candidates=policy / mixed (real data has no simulated annotator, so
+    # only the RM's reference normalisation samples the policy here).
+    c.policy_data = ml_collections.ConfigDict(dict(
+        max_prompt_len=48 if smoke else 384, max_new_tokens=8 if smoke else 128,
+        temperature=1.0, batch_size=8 if smoke else 64))
     c.loss = ml_collections.ConfigDict(dict(kind=preset.get("loss", "pairwise"), margin=0.0))
     c.norm = ml_collections.ConfigDict(dict(
         method=preset.get("norm", "reference"),  # reference (Ziegler) | demonstrations | none

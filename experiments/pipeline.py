@@ -73,8 +73,9 @@ def validate(config) -> None:
             module.validate_config(cfg)
 
 
-def run_stages(config) -> dict[str, Path]:
-    """Run (or reuse) every stage; returns their work dirs."""
+def base_stages(config) -> tuple[dict[str, Path], object]:
+    """Run (or reuse) the base model, SFT and RM stages every method starts from; returns their
+    work dirs and the RM stage's config (DPO trains on its comparisons)."""
     from rlhf_jax import rm, sft
 
     stages, reuse, seed = Path(config.workdir) / "stages", config.reuse, config.seed
@@ -87,7 +88,15 @@ def run_stages(config) -> dict[str, Path]:
                                 reuse)
     rm_cfg = _child(config.rm, init_from=str(dirs["sft"]), seed=seed)
     dirs["rm"] = lib.run_stage("rm", rm, rm_cfg, stages / f"rm-{lib.stage_key(rm_cfg)}", reuse)
-    for name in method_names(config):
+    return dirs, rm_cfg
+
+
+def run_stages(config) -> dict[str, Path]:
+    """Run (or reuse) every stage; returns their work dirs."""
+    stages, reuse, seed = Path(config.workdir) / "stages", config.reuse, config.seed
+    names = method_names(config)
+    dirs, rm_cfg = base_stages(config)
+    for name in names:
         module, field, needs_rm = METHODS[name]
         if module is None:
             continue

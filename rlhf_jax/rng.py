@@ -28,6 +28,7 @@ class Purpose(enum.IntEnum):
     RM_EVAL = 3000  # fresh samples that an RM evaluation scores
     COMPARE = 1234  # the pipeline's method comparison (index: method)
     BEST_OF_N = 4000  # best-of-n candidate samples (index: chunk)
+    BEST_OF_N_CURVES = 4100  # experiments/best_of_n.py: N samples per prompt of the curves
     PROBES = 5000  # failure-mode probe samples: a fold of a policy evaluation's key
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests._stages import run_all
 from tests.test_multiprocess import _free_port
@@ -27,6 +28,10 @@ def _scalars(d, prefix=""):
     return out
 
 
+# Three runs of four stages (two processes plus the one-process reference) take 4-5 minutes on
+# 2 cores, a third of CI's budget; tests/test_multiprocess.py keeps the trainer's two-process
+# checks in CI. Run before changing a stage's host-side data path: pytest -m slow.
+@pytest.mark.slow
 def test_stages_on_two_processes_match_one_process(tmp_path):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",

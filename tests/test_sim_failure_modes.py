@@ -51,7 +51,7 @@ def test_default_world_is_byte_for_byte_unchanged():
 
 def test_default_dataset_keys_and_records_unchanged(tmp_path):
     src = {"kind": "sim", "seed": 0, "num_train": 100, "num_eval": 10}
-    params = builders._sim_params(src, builders._SIM_KEYS, "x")
+    params = builders._sim_params(src, builders._SIM_KEYS, "x", "config.data.source")
     assert "variant" not in params
     assert builders._key("sim_pretrain", builders.BUILDERS_VERSION, params) == "a5bd911ab5beb3f8"
     src = {"kind": "sim", "seed": 0, "num_train": 300, "num_eval": 50, "k": 4,

@@ -118,7 +118,7 @@ def test_override_values_read_back_in_the_children_and_workers_are_pinned(tmp_pa
 
 def test_bad_sweeps_are_one_line_user_errors(tmp_path, capsys):
     sweep_dir = str(tmp_path / "s")
-    with pytest.raises(UserError, match=r"trial 0 .*--config.count='abc': invalid literal"):
+    with pytest.raises(UserError, match=r"trial 0 .*--config.count.*invalid literal.*abc"):
         define.expand(str(ECHO), None, [{"count": "abc"}], workdir=sweep_dir, entry=str(ECHO))
     with pytest.raises(UserError, match="has no field 'lrr'"):
         define.expand(str(ECHO), None, [{"lrr": 1.0}], workdir=sweep_dir, entry=str(ECHO))

@@ -485,7 +485,9 @@ def build(kind: str, params: dict, data_dir: str, where: str = "config.data.sour
     builder = cls(params=params, config_name=name, data_dir=data_dir)
     files = sorted((params.get("files") or {}).values())
     stats = prepare(builder, kind.replace("_", " "), ", ".join(files) or where)
-    return builder, stats
+    # A builder made before another process finished the build holds that moment's (empty)
+    # dataset info; a fresh one reads the finished dataset's splits from disk.
+    return cls(params=params, config_name=name, data_dir=data_dir), stats
 
 
 def _read(builder, split: str, fields: tuple[str, ...], where: str = "config.data.source"):
