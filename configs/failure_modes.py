@@ -18,7 +18,7 @@ comparisons that differ in one option each:
   2025; Singhal et al. 2023 for length): improved completions with typos, naive refusal labels,
   a slight annotator bias toward group A, annotators that lean toward length.
 
-RL (`ppo`, and each method in `methods`) then runs against each RM through the sweep machinery,
+RL (`methods`: PPO and RLOO; the tiny preset PPO only) then runs against each RM through the sweep machinery,
 with a fixed small KL penalty so the KL from SFT grows over training, and evaluations (with the
 failure-mode probes, `eval.probes`) every few updates: each evaluation is one point of the probe
 against KL. `ppo` holds PPO's whole stage config; the fields that differ from
@@ -29,7 +29,7 @@ likewise against `configs/rm_sim.py:world=failure_modes`).
 import ml_collections
 
 from rlhf_jax import config_utils
-from configs import ppo_sim, pretrain_sim, rm_sim, sft_sim
+from configs import pg_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
 
 WORLD = "failure_modes"
 FAILURES = ("typos", "refusal", "group", "length")
@@ -55,7 +55,9 @@ def get_config(arg: str | None = None):
     # their resolved config, so a changed config runs anew).
     c.reuse = True
     c.workers = 2  # sweep workers (each pinned to its share of the CPU cores)
-    c.methods = "ppo"  # RL methods, a comma list of experiments.failure_modes.METHODS
+    # RL methods, a comma list of experiments.failure_modes.METHODS: PPO and the critic-free
+    # RLOO (the tiny preset runs PPO only; `--config.methods=ppo,rloo` adds RLOO there too).
+    c.methods = "ppo" if tiny else "ppo,rloo"
     c.pretrain = _unlocked(pretrain_sim.get_config(f"model={model},world={WORLD}"))
     c.sft = _unlocked(sft_sim.get_config(f"model={model},world={WORLD}"))
     c.rm = _unlocked(rm_sim.get_config(f"world={WORLD}"))
@@ -81,6 +83,15 @@ def get_config(arg: str | None = None):
     c.ppo.train.eval_every = 20
     c.ppo.eval.num_prompts = 256
     c.ppo.eval.probes = 64
+    # The critic-free method (rlhf_jax.pg, RLOO: Ahmadian et al. 2024): its k1 penalty in the
+    # reward is already fixed (beta 0.05, no controller); 16 prompts x 4 samples = PPO's 64
+    # episodes per update, evaluated at the same points.
+    c.rloo = _unlocked(pg_sim.get_config(f"method=rloo,world={WORLD}"))
+    c.rloo.kl.beta = c.ppo.kl.beta
+    c.rloo.train.steps = c.ppo.train.steps
+    c.rloo.train.eval_every = c.ppo.train.eval_every
+    c.rloo.eval.num_prompts = c.ppo.eval.num_prompts
+    c.rloo.eval.probes = c.ppo.eval.probes
     # The verdicts compare each probe at the last two evaluations with the SFT policy's.
     c.verdict = ml_collections.ConfigDict(dict(last_points=2))
 
@@ -92,12 +103,12 @@ def get_config(arg: str | None = None):
     c.rm.norm.max_new_tokens = c.ppo.rollout.max_new_tokens
     if tiny:
         # CI: every piece runs, nothing needs to learn (verdicts are printed, not expected).
-        c.pretrain.train.steps = 60
+        c.pretrain.train.steps = 20
         c.pretrain.train.batch_size = 16
         c.pretrain.optim.warmup_steps = 0
         c.pretrain.data.source.num_train = 2000
         c.pretrain.eval.num_prompts = 16
-        c.sft.train.steps = 30
+        c.sft.train.steps = 10
         c.sft.train.batch_size = 16
         c.sft.optim.warmup_steps = 0
         c.sft.data.source.num_train = 1000
@@ -122,6 +133,15 @@ def get_config(arg: str | None = None):
         c.ppo.eval.num_prompts = 16
         c.ppo.eval.batch_size = 16
         c.ppo.eval.probes = 8
+        c.rloo.data.source.num_train = 256
+        c.rloo.data.source.num_eval = 32
+        c.rloo.train.steps = 4
+        c.rloo.train.eval_every = 2
+        c.rloo.train.batch_size = 8
+        c.rloo.pg.group_size = 2
+        c.rloo.eval.num_prompts = 16
+        c.rloo.eval.batch_size = 16
+        c.rloo.eval.probes = 8
         c.verdict.last_points = 1
     c.lock()
     return c

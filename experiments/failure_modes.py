@@ -15,8 +15,8 @@ Singhal et al. (2023) on length:
 
 On the simulated world's `failure_modes` variant (`configs/failure_modes.py`) this runs: the
 variant's base model (zoo) -> SFT -> one RM on the fixed data and one per failure with its cause
-put back (both through the sweep machinery, `rlhf_jax.sweep`) -> each RL method against each RM
-(also sweep trials) with the failure-mode probes at every evaluation. Each evaluation is a point
+put back (both through the sweep machinery, `rlhf_jax.sweep`) -> each RL method (PPO, and the
+critic-free RLOO with `methods=ppo,rloo`) against each RM (also sweep trials) with the failure-mode probes at every evaluation. Each evaluation is a point
 of a probe against the KL from SFT. Per failure it writes `<workdir>/<failure>/points.csv` (every
 point), `<failure>.png` (the probe against KL, bug vs fixed, per method), `verdict.json` (the
 numbers the verdict rests on, the RMs' counterfactual probes) and prints the verdict as measured.
@@ -44,7 +44,8 @@ WORLD = "failure_modes"
 RM_CONFIG = (str(ROOT / "configs" / "rm_sim.py"), f"world={WORLD}")
 # RL method -> (its config file and preset, the field of this experiment's config that holds
 # its stage config).
-METHODS = {"ppo": ((str(ROOT / "configs" / "ppo_sim.py"), f"world={WORLD}"), "ppo")}
+METHODS = {"ppo": ((str(ROOT / "configs" / "ppo_sim.py"), f"world={WORLD}"), "ppo"),
+           "rloo": ((str(ROOT / "configs" / "pg_sim.py"), f"method=rloo,world={WORLD}"), "rloo")}
 FIXED = "fixed"
 
 

@@ -35,6 +35,9 @@ def _shipped():
 
     out = {f"{m.__name__}:{a}": m.get_config(a) for m in (pretrain_sim, sft_sim, rm_sim, ppo_sim,
                                                            dpo_sim) for a in (None, "smoke")}
+    from configs import pg_sim
+
+    out.update({f"pg_sim:{a}": pg_sim.get_config(a) for a in ("method=rloo", "smoke,method=grpo")})
     out["pipeline"] = pipeline_sim.get_config()
     return out
 
@@ -86,6 +89,11 @@ def test_world_presets_of_the_stage_configs():
     assert p.data.source.world == WORLD and p.ptx.source.world == WORLD
     assert p.eval.probes == 64 and "spec" in p.eval.judges
     assert ppo_sim.get_config().eval.probes == 0
+    from configs import pg_sim
+
+    g = pg_sim.get_config(f"method=rloo,world={WORLD}")
+    assert g.data.source.world == WORLD and g.eval.probes == 64 and "spec" in g.eval.judges
+    assert pg_sim.get_config("method=rloo").eval.probes == 0
     assert dpo_sim.get_config(f"smoke,world={WORLD}").eval.probes == 8
     with pytest.raises(UserError, match="unknown world variant 'nope'"):
         rm_sim.get_config("world=nope")
@@ -214,15 +222,25 @@ def test_rm_stage_probes_only_where_the_world_has_features(setup):
 def test_override_flags_reproduce_the_stage_config():
     from configs import failure_modes
 
+    for tiny in ("", "tiny,"):
+        c = failure_modes.get_config(f"{tiny}failure=typos")
+        for method, ((file, arg), field) in FM.METHODS.items():
+            flags = lib.override_flags(c[field], file, arg, init_from="/x/sft", seed=3)
+            if method == "ppo":
+                assert "--config.kl.adaptive=false" in flags
+                assert "--config.kl.beta=0.05" in flags
+            got = config_utils.parse_config_argv(["prog", f"--config={file}:{arg}", *flags])
+            want = lib.child_config(c[field], init_from="/x/sft", seed=3).to_dict()
+            got = got.to_dict()
+            got.pop("workdir"), want.pop("workdir")
+            assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True), method
+            # Both methods are probed at the same points, with a fixed KL coefficient.
+            assert c[field].eval.probes == c.ppo.eval.probes > 0
+            assert c[field].kl.beta == c.ppo.kl.beta
+            assert c[field].train.eval_every == c.ppo.train.eval_every
+            assert c[field].data.source.world == FM.WORLD
     c = failure_modes.get_config("failure=typos")
     file, arg = FM.METHODS["ppo"][0]
-    flags = lib.override_flags(c.ppo, file, arg, init_from="/x/sft", seed=3)
-    assert "--config.kl.adaptive=false" in flags and "--config.kl.beta=0.05" in flags
-    got = config_utils.parse_config_argv(["prog", f"--config={file}:{arg}", *flags])
-    want = lib.child_config(c.ppo, init_from="/x/sft", seed=3).to_dict()
-    got = got.to_dict()
-    got.pop("workdir"), want.pop("workdir")
-    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
     # Skipped fields stay as the stock config has them.
     skipped = lib.override_flags(c.ppo, file, arg, skip={"kl.beta"})
     assert not any(f.startswith("--config.kl.beta=") for f in skipped)
@@ -316,6 +334,7 @@ def test_failure_config_and_errors():
 
     c = failure_modes.get_config("tiny,failure=group")
     assert FM.failure_names(c) == ["group"] and FM.method_names(c) == ["ppo"]
+    assert FM.method_names(failure_modes.get_config()) == ["ppo", "rloo"]
     assert FM.failure_names(failure_modes.get_config()) == list(FM.FAILURES)
     with c.unlocked():
         c.failure = "hallucination"
@@ -336,3 +355,60 @@ def test_sweep_labels_name_trials(tmp_path):
     assert [t.key for t in trials] == [t.key for t in plain]  # labels name, keys identify
     with pytest.raises(UserError, match="1 labels for 2 trials"):
         define.expand("configs/ppo_sim.py", "smoke", ov, workdir=tmp_path, labels=["a"])
+
+
+def _trial_dir(root, name, points, rm_probes=None):
+    d = root / name
+    d.mkdir()
+    lines = []
+    for p in points:  # an eval record, and a train record in between (not a point)
+        lines.append({"step": p["step"], **{f"eval/{k}": v for k, v in p.items() if k != "step"}})
+        lines.append({"step": p["step"] + 1, "loss": 1.0})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    if rm_probes is not None:
+        (d / "summary.json").write_text(json.dumps(
+            {"held_out_accuracy": 0.7, "gold_ceiling_accuracy": 0.8, "probes": rm_probes}))
+    return d
+
+
+def test_report_writes_csv_png_verdict_per_failure(tmp_path, capsys):
+    """report() on hand-made trial dirs (no training): the CSV holds every eval point of the two
+    conditions it compares, the verdict JSON the verdict of those curves and the RMs' probes."""
+    import csv
+
+    keys = ["probe/typo_rate", "probe/refusal_boundary", "probe/refusal_harmful",
+            "probe/group_gold_gap", "probe/group_gold_gap_se", "probe/length_gain_total",
+            "probe/length_gain_within", "probe/length_words"]
+    rng = np.random.default_rng(0)
+
+    def pts():
+        return [{"step": s, "kl": 0.5 * i, "gold": 0.1, "rm_score": 0.2,
+                 **{k: float(rng.uniform(0.05, 1.0)) for k in keys}}
+                for i, s in enumerate((0, 2, 4))]
+
+    conds = ["fixed"] + [f"bug_{f}" for f in FM.FAILURES]
+    curves = {(c, m): pts() for c in conds for m in ("ppo", "rloo")}
+    dirs = {"rm": {c: _trial_dir(tmp_path, f"rm-{c}", [], {"probe/rm_typo_margin": i - 0.5})
+                   for i, c in enumerate(conds)},
+            "rl": {(c, m): _trial_dir(tmp_path, f"{m}-{c}", p) for (c, m), p in curves.items()}}
+    for name, failure in FM.FAILURES.items():
+        out = tmp_path / "out" / name
+        v = FM.report(failure, dirs, out, 2)
+        mine = {k: p for k, p in curves.items() if k[0] in ("fixed", f"bug_{name}")}
+        want = json.loads(json.dumps(failure.verdict(mine, 2), default=float))
+        assert {k: v[k] for k in want} == want
+        assert v["plot"] == str(out / f"{name}.png")
+        assert json.loads((out / "verdict.json").read_text())["reproduced"] == v["reproduced"]
+        assert v["reproduced"] == (v["ppo"]["reproduced"] and v["rloo"]["reproduced"])
+        assert v["rm"]["fixed"]["probe/rm_typo_margin"] == -0.5
+        rows = list(csv.DictReader(open(out / "points.csv")))
+        assert len(rows) == 4 * 3
+        got = {(r["condition"], r["method"], int(r["step"])): r for r in rows}
+        for (c, m), p in mine.items():
+            for q in p:
+                for k in failure.panels:
+                    assert float(got[(c, m, q["step"])][k[0]]) == pytest.approx(q[k[0]])
+        assert (out / f"{name}.png").stat().st_size > 5_000
+        FM.print_verdict(v)
+        printed = capsys.readouterr().out
+        assert f"== {name}:" in printed and "[ppo]" in printed and "[rloo]" in printed
