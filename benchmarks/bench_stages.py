@@ -220,6 +220,54 @@ def _ppo(size: str):
     return run_step, flops, [rollout, update], holder
 
 
+def _rloo(size: str):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax import models, pg
+    from rlhf_jax.rng import Purpose
+
+    cfg, place, optimizer, lm, axes = _setup(size)
+    K = 4
+    s = pg.Settings(policy=cfg, reward=cfg, opts=pg.PGOptions(estimator="rloo", group_size=K),
+                    max_new_tokens=GEN, temperature=0.7, eos_id=EOS, pad_id=PAD, epochs=1,
+                    minibatches=1)
+    head = jax.jit(lambda k: models.init_params(cfg, k, ("score",))["score_head"])(
+        jax.random.key(1))
+    rm_params = place.place({**models.trunk(lm), "score_head": head},
+                            models.param_axes(cfg, ("score",)))
+    params = _copy(lm)
+    opt_state = jax.jit(optimizer.init)(params)
+    rng = np.random.default_rng(0)
+    prompts = place.to_global({"t": rng.integers(2, VOCAB, (16, PROMPT)).astype(np.int32),
+                               "m": np.ones((16, PROMPT), np.int32)})
+    rollout = jax.jit(functools.partial(pg.rollout, s, batch_sharding=place.batch_sharding))
+    update = jax.jit(functools.partial(pg.update, s, optimizer,
+                                       batch_sharding=place.batch_sharding),
+                     donate_argnums=(0, 1))
+    holder = {"p": params, "o": opt_state, "split": [], "cfg": cfg}
+
+    def run_step(i):
+        t0 = time.perf_counter()
+        data, rows, m = rollout(holder["p"], lm, rm_params, prompts["t"], prompts["m"],
+                                jax.random.key(i))
+        jax.block_until_ready(data)
+        t1 = time.perf_counter()
+        holder["p"], holder["o"], upd = update(holder["p"], holder["o"], data,
+                                               place.key(Purpose.SHUFFLE), jnp.int32(i))
+        jax.block_until_ready(upd)
+        holder["split"].append((t1 - t0, time.perf_counter() - t1))
+        return upd["loss"]
+
+    B, L = 16 * K, PROMPT + GEN
+    flops = (_decode_flops(cfg, B, PROMPT, GEN)
+             + _flops(cfg, B, L, GEN, backward=False) * 2  # old policy + reference
+             + _flops(cfg, B, L, 0, backward=False)  # RM
+             + _flops(cfg, B, L, GEN, backward=True))  # one policy fwd/bwd
+    return run_step, flops, [rollout, update], holder
+
+
 def _copy(tree):
     """A device copy with the same shardings (the steps donate their state)."""
     import jax
@@ -254,8 +302,8 @@ def _matmul_peak(cfg, rows: int) -> float:
 def measure(size: str, workload: str, steps: int, warmup: int) -> dict:
     import jax
 
-    build = {"ppo": _ppo}.get(workload, functools.partial(_supervised,
-                                                                        kind=workload))
+    build = {"ppo": _ppo, "rloo": _rloo}.get(workload,
+                                             functools.partial(_supervised, kind=workload))
     run_step, flops, jitted, info = build(size)
 
     t0 = time.perf_counter()
