@@ -6,7 +6,8 @@
     python -m rlhf_jax.dpo --config=configs/dpo_sim.py:smoke               # two steps, for tests
 
 Preset keys: smoke, loss (sigmoid | ipo), beta, candidates (dataset | policy | mixed),
-pairs (all_pairs | best_vs_rest), reference (precompute | on_the_fly).
+pairs (all_pairs | best_vs_rest), reference (precompute | on_the_fly), world (a world variant:
+with `failure_modes` the annotators follow the `spec` judge and evaluations run its probes).
 
 The comparisons are the RM stage's (configs/rm_sim.py: K = 4 candidates per prompt ranked by
 the simulated annotator pool against VADER); the pipeline gives DPO exactly the RM's source.
@@ -22,17 +23,20 @@ ENTRY = "rlhf_jax.dpo"
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(
-        preset, ("smoke", "loss", "beta", "candidates", "pairs", "reference", "preset"), __file__)
+        preset, ("smoke", "loss", "beta", "candidates", "pairs", "reference", "world", "preset"),
+        __file__)
     smoke = config_utils.is_smoke(preset)
+    world = config_utils.world_preset(preset)
 
     c = config_utils.base_config()
     c.workdir = "runs/dpo_sim"
     c.init_from = "runs/sft_sim"  # the SFT policy: initial params and the frozen reference
     c.tokenizer = ""  # "" = the one recorded in init_from's metadata
     c.data = ml_collections.ConfigDict(dict(
-        source=dict(kind="sim", seed=0, num_train=64 if smoke else 10_000,
-                    num_eval=32 if smoke else 1000, k=4, judge="vader", target_agreement=0.73,
-                    flip_prob=0.0, pool="default", num_buckets=4),
+        source=config_utils.sim_comparison_source(
+            seed=0, num_train=64 if smoke else 10_000, num_eval=32 if smoke else 1000, k=4,
+            judge="spec" if world else "vader", target_agreement=0.73, flip_prob=0.0,
+            pool="default", num_buckets=4),
         candidates=preset.get("candidates", "dataset"),  # dataset | policy | mixed
         # K-wise rankings -> pairs: every pair with different ranks, or the best vs the rest.
         # best_vs_rest: K - 1 pairs per ranking; at half the steps of all_pairs it reached the
@@ -54,6 +58,9 @@ def get_config(arg: str | None = None):
     # implicit-reward accuracy.
     c.eval = config_utils.policy_eval_config(num_prompts=16 if smoke else 256,
                                              batch_size=16 if smoke else 128)
+    c.data.source.world = world
+    if world:
+        config_utils.failure_mode_eval(c.eval, smoke)
 
     c.optim.lr = 1e-3 if smoke else 1e-4
     c.optim.schedule = "cosine"

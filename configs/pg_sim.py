@@ -6,7 +6,8 @@
     python -m rlhf_jax.pg --config=configs/pg_sim.py:smoke,method=dr_grpo   # two updates (tests)
 
 Preset keys: method (rloo | grpo | dr_grpo | reinforce; default rloo; a bare `:grpo` works
-too), steps, smoke (a bare first word: `:smoke,method=grpo`).
+too), steps, smoke (a bare first word: `:smoke,method=grpo`), world (a world variant: with
+`failure_modes` the evaluations also judge by the `spec` and run the failure-mode probes).
 
 `train.batch_size` counts PROMPTS per update; each prompt is sampled `pg.group_size` times, so
 an update trains on batch_size x group_size episodes (16 x 4 = 64, PPO's 64 episodes per
@@ -70,8 +71,10 @@ def _method(name: str) -> dict:
 
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
-    config_utils.check_preset_keys(preset, ("method", "steps", "smoke", "preset"), __file__)
+    config_utils.check_preset_keys(preset, ("method", "steps", "smoke", "world", "preset"),
+                                   __file__)
     smoke = config_utils.is_smoke(preset)
+    world = config_utils.world_preset(preset)
     method = _method(method_name(preset))
 
     c = config_utils.base_config()
@@ -79,8 +82,8 @@ def get_config(arg: str | None = None):
     c.init_from = ""  # SFT work dir: the initial policy and the frozen reference
     c.reward_from = ""  # RM work dir (its metadata's reward_norm normalises the score)
     c.data = ml_collections.ConfigDict(dict(
-        source=dict(kind="sim", seed=0, num_train=64 if smoke else 8192,
-                    num_eval=16 if smoke else 256),
+        source=config_utils.sim_source(seed=0, num_train=64 if smoke else 8192,
+                                       num_eval=16 if smoke else 256, world=world),
         max_prompt_len=8,  # world openings are 2-6 words (+ commas)
     ))
     c.rollout = ml_collections.ConfigDict(dict(
@@ -114,6 +117,8 @@ def get_config(arg: str | None = None):
     c.eval.temperature = c.rollout.get_ref("temperature")
     c.eval.max_new_tokens = c.rollout.get_ref("max_new_tokens")
     c.eval.max_prompt_len = c.data.get_ref("max_prompt_len")
+    if world:
+        config_utils.failure_mode_eval(c.eval, smoke)
 
     c.optim.lr = 1e-4
     c.optim.schedule = "constant"

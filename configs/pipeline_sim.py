@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
     # The comparison: one sample per held-out prompt per method, at PPO's rollout settings.
     c.eval = config_utils.policy_eval_config(num_prompts=512, judges=("vader", "vader_trap"),
                                              gold="vader", batch_size=128)
-    c.eval.prompts = dict(kind="sim", seed=0, num_train=0, num_eval=512)
+    c.eval.prompts = config_utils.sim_source(seed=0, num_train=0, num_eval=512)
     c.eval.temperature = c.ppo.rollout.get_ref("temperature")
     c.eval.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
     c.eval.max_prompt_len = c.ppo.data.get_ref("max_prompt_len")

@@ -5,7 +5,9 @@
     python -m rlhf_jax.ppo --config=configs/ppo_sim.py:steps=50,value_from=policy_head
     python -m rlhf_jax.ppo --config=configs/ppo_sim.py:smoke     # two updates, for tests
 
-Preset keys: steps, smoke, value_from ("rm" | "policy_head"), kl_mode ("reward" | "loss").
+Preset keys: steps, smoke, value_from ("rm" | "policy_head"), kl_mode ("reward" | "loss"),
+world (a world variant: with `failure_modes` the evaluations also judge by the `spec` and run
+the failure-mode probes, `eval.probes`).
 
 Sweep (`get_sweep`): fixed-β KL penalties × 3 seeds, run by `python -m rlhf_jax.sweep`:
 
@@ -26,9 +28,10 @@ ENTRY = "rlhf_jax.ppo"  # the program `python -m rlhf_jax.sweep` runs for each t
 
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
-    config_utils.check_preset_keys(preset, ("steps", "smoke", "value_from", "kl_mode", "preset"),
-                                   __file__)
+    config_utils.check_preset_keys(
+        preset, ("steps", "smoke", "value_from", "kl_mode", "world", "preset"), __file__)
     smoke = config_utils.is_smoke(preset)
+    world = config_utils.world_preset(preset)
 
     c = config_utils.base_config()
     c.workdir = "runs/ppo_sim"
@@ -39,8 +42,8 @@ def get_config(arg: str | None = None):
     c.value_from = preset.get("value_from", "rm")
 
     c.data = ml_collections.ConfigDict(dict(
-        source=dict(kind="sim", seed=0, num_train=64 if smoke else 8192,
-                    num_eval=16 if smoke else 256),
+        source=config_utils.sim_source(seed=0, num_train=64 if smoke else 8192,
+                                       num_eval=16 if smoke else 256, world=world),
         max_prompt_len=8,  # world openings are 2-6 words (+ commas)
     ))
     c.rollout = ml_collections.ConfigDict(dict(
@@ -79,8 +82,8 @@ def get_config(arg: str | None = None):
         coef=0.0,  # InstructGPT's gamma; > 0 is PPO-ptx
         rows_per_minibatch=4,
         seq_len=32,
-        source=dict(kind="sim", seed=0, num_train=256 if smoke else 4096,
-                    num_eval=16 if smoke else 64),
+        source=config_utils.sim_source(seed=0, num_train=256 if smoke else 4096,
+                                       num_eval=16 if smoke else 64, world=world),
     ))
     # Held-out samples at the rollout's settings (the distribution PPO optimises).
     c.eval = config_utils.policy_eval_config(
@@ -90,6 +93,8 @@ def get_config(arg: str | None = None):
     c.eval.temperature = c.rollout.get_ref("temperature")
     c.eval.max_new_tokens = c.rollout.get_ref("max_new_tokens")
     c.eval.max_prompt_len = c.data.get_ref("max_prompt_len")
+    if world:
+        config_utils.failure_mode_eval(c.eval, smoke)
 
     c.optim.lr = 1e-4
     c.optim.schedule = "constant"

@@ -4,9 +4,13 @@
     python -m rlhf_jax.rm --config=configs/rm_sim.py:loss=pairwise,k=2
     python -m rlhf_jax.rm --config=configs/rm_sim.py:candidates=policy
     python -m rlhf_jax.rm --config=configs/rm_sim.py:smoke      # two steps, for tests
+    python -m rlhf_jax.rm --config=configs/rm_sim.py:world=failure_modes \
+        --config.data.source.refusals=naive    # issue 16's causes: see the data-source fields
 
 Preset keys: smoke, loss (kwise | pairwise | best_of_k), k, norm (reference | demonstrations |
-none), candidates (dataset | policy | mixed), num_train, judge.
+none), candidates (dataset | policy | mixed), num_train, judge, world (a world variant; with
+`failure_modes` the annotators follow the `spec` judge, and the summary holds the RM's
+counterfactual probes).
 
 Comparisons: by default (`candidates=dataset`) K = 4 candidates per prompt from the world's
 candidate generator (`World.candidates`), ranked by the simulated annotator pool against the gold
@@ -27,9 +31,11 @@ ENTRY = "rlhf_jax.rm"  # the program `python -m rlhf_jax.sweep` runs for each tr
 def get_config(arg: str | None = None):
     preset = config_utils.parse_preset(arg)
     config_utils.check_preset_keys(
-        preset, ("smoke", "loss", "k", "norm", "candidates", "num_train", "judge", "preset"),
-        __file__)
+        preset, ("smoke", "loss", "k", "norm", "candidates", "num_train", "judge", "world",
+                 "preset"), __file__)
     smoke = config_utils.is_smoke(preset)
+    world = config_utils.world_preset(preset)
+    default_judge = "spec" if world else "vader"
 
     c = config_utils.base_config()
     c.workdir = "runs/rm_sim"
@@ -37,12 +43,14 @@ def get_config(arg: str | None = None):
     c.tokenizer = ""  # "" = the one recorded in init_from's metadata
 
     c.data = ml_collections.ConfigDict(dict(
-        source=dict(
-            kind="sim", seed=0,
+        # Also the failure-mode options of issue 16, all off (config_utils.sim_comparison_source):
+        # improved_share, improved_typo_rate, refusals, group_bias, length_bias.
+        source=config_utils.sim_comparison_source(
+            seed=0,
             num_train=int(preset.get("num_train", 64 if smoke else 10_000)),
             num_eval=32 if smoke else 1000,
             k=int(preset.get("k", 4)),  # responses ranked per prompt (InstructGPT: 4..9)
-            judge=preset.get("judge", "vader"),  # the gold the annotators follow
+            judge=preset.get("judge", default_judge),  # the gold the annotators follow
             target_agreement=0.73,  # InstructGPT's inter-labeler agreement
             flip_prob=0.0,
             pool="default",  # AlpacaFarm-style annotators with different biases
@@ -74,8 +82,10 @@ def get_config(arg: str | None = None):
         target_mean=0.0,
         target_std=1.0,
     ))
+    c.data.source.world = world
     c.eval = ml_collections.ConfigDict(dict(
-        judges=("vader", "vader_trap"),  # agreement with each gold judge on fresh pairs
+        # agreement with each gold judge on fresh pairs
+        judges=("vader", "vader_trap") + (("spec",) if world else ()),
         fresh_world_pairs=32 if smoke else 2000,  # the world's candidates, "test" split
         fresh_policy_pairs=16 if smoke else 512,  # two SFT samples per prompt
         gap_edges=(0.0, 0.25, 0.5, 1.0, 2.0),  # calibration bins of |normalised reward gap|

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax import bon, checkpoint, evaluation, handoff, rng
+from rlhf_jax import bon, checkpoint, evaluation, handoff, provenance, rng
 from rlhf_jax.errors import UserError
 from rlhf_jax.trainer import Placement
 
@@ -41,11 +41,83 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository (configs/ lives her
 
 
 def stage_key(config, *upstream: str) -> str:
-    """Hash of a stage config (without its work dir) and of its inputs' keys."""
-    d = config.to_dict()
-    d.pop("workdir", None)
+    """Hash of a stage config (without its work dir, and without fields at their
+    `provenance.KEY_NEUTRAL` values) and of its inputs' keys."""
+    d = provenance.key_dict(config)
     blob = json.dumps([d, upstream], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def child_config(stage_cfg, **fields):
+    """A resolved, unlocked copy of a stage config with `fields` set (e.g. init_from, seed)."""
+    c = stage_cfg.copy_and_resolve_references()
+    with c.unlocked():
+        for k, v in fields.items():
+            c[k] = v
+    return c
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if hasattr(v, "items"):
+            out.update(_leaves(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def override_flags(config, config_file: str, arg: str | None = None, *, skip=(),
+                   **fields) -> list[str]:
+    """`--config.<field>=<value>` flags that turn `config_file:arg`'s config into `config`:
+    one per leaf that differs (fields in `skip` left out), then one per `fields` item. What an
+    experiment passes to sweep trials (`sweep.expand(..., base_args=...)`), so each trial runs
+    its stage config exactly, through the stage's own command line."""
+    from rlhf_jax.sweep import define
+
+    module = define.load_config_module(config_file)
+    stock = _leaves(module.get_config(arg).copy_and_resolve_references())
+    want = _leaves(config.copy_and_resolve_references())
+    unknown = sorted(set(want) - set(stock))
+    if unknown:
+        raise ValueError(f"override_flags: {unknown} are not fields of {config_file}:{arg}")
+    flags = []
+    for path, value in sorted(want.items()):
+        if path in skip or path in fields or path == "workdir":
+            continue
+        if value != stock[path] or type(value) is not type(stock[path]):
+            flags.append(f"--config.{path}={define.format_value(value, type(stock[path]))}")
+    for path, value in fields.items():
+        flags.append(f"--config.{path}={define.format_value(value, type(stock.get(path)))}")
+    return flags
+
+
+def run_sweep(trials, slots, sweep_dir: Path) -> list[dict]:
+    """Run sweep trials (finished ones are skipped: their key is their resolved config);
+    raises RuntimeError naming each trial that did not finish and its log."""
+    from rlhf_jax import sweep
+
+    rows = sweep.run_pool(trials, slots, sweep_dir)
+    bad = [r for r in rows if r["status"] not in ("done", "skipped")]
+    if bad:
+        raise RuntimeError("sweep trials did not finish: " + "; ".join(
+            f"{r['trial']} ({r['status']}, log {r['log']})" for r in bad))
+    return rows
+
+
+def eval_points(metrics_file: Path) -> list[dict]:
+    """The evaluations of a stage's `metrics.jsonl`, in step order: {"step", and each `eval/<k>`
+    as `<k>`} (a step logged twice, e.g. around a resume, keeps its last record)."""
+    by_step = {}
+    for line in Path(metrics_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        ev = {k[5:]: v for k, v in rec.items() if k.startswith("eval/")}
+        if ev:
+            by_step[int(rec["step"])] = {"step": int(rec["step"]), **ev}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def run_stage(name: str, module, config, workdir: Path, reuse: bool = True) -> Path:
@@ -90,9 +162,10 @@ def compare_policies(ev, policies: dict, sft_dir: Path, rm_dir: Path, seed: int,
     sft = handoff.load_policy(str(sft_dir), shardings=shardings)
     reward = handoff.load_reward_model(str(rm_dir), shardings=shardings)
     tokenizer, _ = handoff.tokenizer_for("", sft.meta)
-    prompts = sources.from_config(ev.prompts, "config.eval.prompts").prompts("eval")
+    source = sources.from_config(ev.prompts, "config.eval.prompts")
+    prompts = source.prompts("eval")
     pe = evaluation.PolicyEval.from_config(ev, prompts, tokenizer, reward=reward, reference=sft,
-                                           place=place)
+                                           place=place, world=source.world())
     results, gold = {}, {}
     for i, (name, what) in enumerate({"sft": sft_dir, **policies}.items()):
         key = rng.key(seed, rng.Purpose.COMPARE, i)
@@ -112,7 +185,7 @@ def compare_policies(ev, policies: dict, sft_dir: Path, rm_dir: Path, seed: int,
 def _best_of_n(pe: evaluation.PolicyEval, sft: handoff.Loaded, n: int, key) -> tuple[dict, dict]:
     """Sample n per prompt from SFT, keep the highest-RM-score sample of each prompt."""
     many = dataclasses.replace(pe, prompts=[p for p in pe.prompts for _ in range(n)],
-                               reference=None)
+                               reference=None, world=None)  # probes would see SFT, not BoN
     _, rows = many(sft.cfg, sft.params, key)
     P = len(pe.prompts)
     proxy = rows["rm_score"].reshape(P, n)

@@ -45,12 +45,7 @@ def method_names(config) -> list[str]:
     return names
 
 
-def _child(stage_cfg, **fields):
-    c = stage_cfg.copy_and_resolve_references()
-    with c.unlocked():
-        for k, v in fields.items():
-            c[k] = v
-    return c
+_child = lib.child_config
 
 
 def validate(config) -> None:

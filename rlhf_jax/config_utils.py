@@ -349,6 +349,39 @@ def set_dotted(config, key: str, value) -> None:
         node[leaf] = value
 
 
+def sim_source(**fields) -> dict:
+    """A `data.source` dict of the simulated world: `kind="sim"`, `world=""` (the default world;
+    `--config.data.source.world=failure_modes` picks the issue-16 variant) and `fields`."""
+    return {"kind": "sim", "world": "", **fields}
+
+
+def world_preset(preset: dict) -> str:
+    """The `world=<variant>` preset key of a sim config ("" for the default world), checked."""
+    from rlhf_jax.sim.world import WORLD_VARIANTS
+
+    world = str(preset.get("world", "") or "")
+    if world not in WORLD_VARIANTS and world:
+        raise UserError("--config=...:world", f"unknown world variant {world!r}",
+                        f"use one of {sorted(WORLD_VARIANTS)}")
+    return "" if world == "default" else world
+
+
+def failure_mode_eval(ev, smoke: bool = False) -> None:
+    """An `eval` block (`policy_eval_config`) for a world with failure-mode features: the
+    `spec` judge beside VADER and the probes (64 prompts per probe set, 8 in a smoke run)."""
+    ev.judges = tuple(dict.fromkeys(tuple(ev.judges) + ("spec",)))
+    ev.probes = 8 if smoke else 64
+
+
+def sim_comparison_source(**fields) -> dict:
+    """`sim_source` plus the failure-mode options of simulated comparisons, all off
+    (`rlhf_jax.data.builders.COMPARISON_OPTIONS`, documented in `_comparison_options`), so
+    that a flag can switch one on; `fields` set the rest (k, judge, ...)."""
+    from rlhf_jax.data.builders import COMPARISON_OPTIONS
+
+    return sim_source(**{**COMPARISON_OPTIONS, **fields})
+
+
 def policy_eval_config(**overrides) -> ml_collections.ConfigDict:
     """The `eval` block of every stage that trains a policy (`evaluation.PolicyEval`).
 
@@ -365,6 +398,9 @@ def policy_eval_config(**overrides) -> ml_collections.ConfigDict:
         judges=("vader", "vader_trap"),  # gold judges: measured, never rewarded
         gold="vader",  # the judge reported as `gold` and used for win rates ("" = none)
         sample_rows=8,  # rows of the table appended to workdir/samples.md at each eval
+        # Failure-mode probes (issue 16): prompts per probe set of the data source's simulated
+        # world, sampled at every eval and reported as probe/* (0 = off; evaluation.PolicyEval).
+        probes=0,
     ))
     c.update(overrides)
     return c

@@ -172,7 +172,8 @@ def run(config) -> dict:
     held_out, eval_bs = preferences.pad_to_batches(arrays["eval"], config.eval.batch_size,
                                                    tr.batch_shards)
     policy_eval = evaluation.PolicyEval.from_config(config.eval, source.prompts("eval"),
-                                                    tokenizer, reference=policy, place=tr)
+                                                    tokenizer, reference=policy, place=tr,
+                                                    world=source.world())
 
     def eval_fn(st):
         it = ArrayIterator(held_out, eval_bs, seed=0, shuffle=False)

@@ -7,6 +7,12 @@
   ceiling, calibration, and per-annotator and per-bucket breakdowns (RM and DPO).
 
 Gold judges only ever see text here: they measure, they never feed a reward.
+
+Failure-mode probes (issue 16): with `eval.probes > 0` and a simulated world, `PolicyEval` also
+samples the world's held-out probe prompts (`rlhf_jax.sim.probes.run_policy_probes`) and
+reports `probe/*` metrics, plus the RM's reward gain over the reference policy within and across
+length buckets (`probe/length_gain_*`, Singhal et al. 2023). `text_scorer` scores any texts with
+a reward model (the RM stage's counterfactual probes use it).
 """
 
 from __future__ import annotations
@@ -170,6 +176,23 @@ def lm_loss(cfg: models.ModelConfig, params, tokenizer, texts: Sequence[str], *,
     return {"loss": nll / max(count, 1.0), "tokens": int(count), "rows": int(n)}
 
 
+def text_scorer(reward, tokenizer, max_len: int, batch_size: int = 128,
+                place=None) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    """`score(prompts, responses) -> float64 [N]`: normalised rewards of a loaded reward model
+    (`handoff.Loaded`) for texts, each encoded as prompt + response + EOS in `max_len` tokens
+    (as its training comparisons were; over-long prompts lose tokens from the left)."""
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        if len(prompts) != len(responses):
+            raise ValueError(f"text_scorer: {len(prompts)} prompts but {len(responses)} "
+                             "responses")
+        enc, _ = tokenize.encode_sft(tokenizer, list(prompts), list(responses), max_len)
+        return np.asarray(rewards.score_batches(
+            reward.cfg, reward.params, enc["tokens"], enc["mask"], reward.reward_norm,
+            batch_size, place=place), np.float64)
+
+    return score
+
+
 def gold_scores(judges: dict, prompts: Sequence[str], responses: Sequence[str]):
     """{judge name: float64 [N]} of every judge."""
     return {name: np.asarray(j.score(list(prompts), list(responses)), np.float64)
@@ -204,6 +227,16 @@ class PolicyEval:
     Metrics: `gold` (the primary judge) and `gold/<judge>` for each judge, `rm_score`, `kl`,
     `response_length`, `eos_rate`, plus anything `probes(prompts, responses)` returns. Rows:
     per-sample `prompt`, `response`, `ended`, `length`, `rm_score`, `kl`, `gold/<judge>`.
+
+    With a `world` and `probe_prompts` > 0 (config `eval.probes`), each call also samples the
+    policy once on the world's probe prompts (`probe_prompts` of each kind; key
+    `fold_in(key, Purpose.PROBES)`) and adds `run_policy_probes`' `probe/*` metrics. With a
+    reward model and a reference as well, it adds `probe/length_gain_total`, `_within` and
+    `_covered`: the RM-score gain of these samples over the reference policy's samples on the
+    same prompts, all of it and what survives within 2-word length buckets
+    (`probes.length_stratified_gain`; Singhal et al. 2023). The reference's samples are drawn
+    once, with the key of the first call (or taken from that call when it evaluates the
+    reference's own params, as every stage's first evaluation does).
     """
 
     prompts: list[str]
@@ -219,11 +252,16 @@ class PolicyEval:
     sample_rows: int = 8
     place: Any = None
     probes: Callable[[list[str], list[str]], dict] | None = None
+    world: Any = None  # a `rlhf_jax.sim.world.World`: the probe prompts' source
+    probe_prompts: int = 0  # prompts per probe set (0 = no probes)
+    _reference_rows: dict | None = dataclasses.field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, ev, prompts: Sequence[str], tokenizer, *, reward=None, reference=None,
-                    place=None, probes=None, field: str = "config.eval") -> "PolicyEval":
-        """From an `eval` config block (`config_utils.policy_eval_config`)."""
+                    place=None, probes=None, world=None,
+                    field: str = "config.eval") -> "PolicyEval":
+        """From an `eval` config block (`config_utils.policy_eval_config`). `world`: the stage's
+        simulated world (`DataSource.world()`, None for real data), needed by `eval.probes`."""
         judges = get_judges(tuple(ev.judges), f"{field}.judges")
         if ev.gold and ev.gold not in judges:
             raise UserError(f"{field}.gold", f"{ev.gold!r} is not one of {field}.judges="
@@ -235,11 +273,19 @@ class PolicyEval:
         if not prompts:
             raise UserError("config.data.source", "gives no evaluation prompts", "")
         prompts = (prompts * (n // len(prompts) + 1))[:n]  # few real prompts: reuse them
+        n_probe = ev.get("probes", 0)
+        if isinstance(n_probe, bool) or not isinstance(n_probe, int) or n_probe < 0:
+            raise UserError(f"{field}.probes", f"{n_probe!r} must be an int >= 0 (0 = off)", "")
+        if n_probe and world is None:
+            raise UserError(f"{field}.probes", f"is {n_probe}, but the data source has no "
+                            "simulated world to draw probe prompts from",
+                            f"set {field}.probes=0, or use a data source of kind 'sim'")
         return cls(prompts=prompts, tokenizer=tokenizer, max_prompt_len=int(ev.max_prompt_len),
                    max_new_tokens=int(ev.max_new_tokens), temperature=float(ev.temperature),
                    batch_size=int(ev.batch_size), judges=judges, gold=ev.gold or None,
                    reward=reward, reference=reference, sample_rows=int(ev.sample_rows),
-                   place=place, probes=probes)
+                   place=place, probes=probes, world=world if n_probe else None,
+                   probe_prompts=int(n_probe))
 
     def sample(self, cfg, params, key) -> dict:
         return sample_texts(cfg, params, self.tokenizer, self.prompts, key,
@@ -277,7 +323,37 @@ class PolicyEval:
         return metrics, rows
 
     def __call__(self, cfg, params, key) -> tuple[dict, dict]:
-        return self.score(cfg, params, self.sample(cfg, params, key))
+        metrics, rows = self.score(cfg, params, self.sample(cfg, params, key))
+        if self.world is not None and self.probe_prompts > 0:
+            metrics.update(self.world_probes(cfg, params, key, rows))
+        return metrics, rows
+
+    def world_probes(self, cfg, params, key, rows: dict) -> dict[str, float]:
+        """The `probe/*` metrics of policy (cfg, params) (class docstring); `rows` are its rows
+        on the eval prompts from the same call."""
+        from rlhf_jax.sim import probes as P
+
+        probe_key = jax.random.fold_in(key, int(Purpose.PROBES))
+
+        def sample_fn(prompts):
+            return sample_texts(cfg, params, self.tokenizer, prompts, probe_key,
+                                max_prompt_len=self.max_prompt_len,
+                                max_new_tokens=self.max_new_tokens,
+                                temperature=self.temperature, batch_size=self.batch_size,
+                                place=self.place)["responses"]
+
+        out = P.run_policy_probes(self.world, sample_fn, n=self.probe_prompts)
+        if "rm_score" in rows and self.reference is not None:
+            if self._reference_rows is None:
+                self._reference_rows = rows if params is self.reference.params else \
+                    self.score(cfg, self.reference.params,
+                               self.sample(cfg, self.reference.params, key))[1]
+            ref = self._reference_rows
+            gain = P.length_stratified_gain(
+                [P.mean_words([r]) for r in ref["response"]], ref["rm_score"],
+                [P.mean_words([r]) for r in rows["response"]], rows["rm_score"])
+            out.update({f"{P.PREFIX}length_gain_{k}": v for k, v in gain.items()})
+        return out
 
     def table(self, rows: dict, title: str) -> str:
         cols = {c: rows[c] for c in ("rm_score", "kl") if c in rows}
@@ -412,4 +488,4 @@ class PreferenceEval:
 
 __all__ = ["PolicyEval", "PreferenceEval", "decode_responses", "get_judges", "gold_scores",
            "judge_agreement", "preference_metrics", "ranked_pairs", "sample_table",
-           "sample_texts", "sequence_kl", "win_rate"]
+           "sample_texts", "sequence_kl", "text_scorer", "win_rate"]

@@ -5,6 +5,7 @@
   together and that the RM's normalisation was fit at the stage's sampling settings.
 * `prompt_data`: train / eval prompt texts of `config.data.source` and the resumable batches
   (plus PPO-ptx pretraining rows when `config.ptx.coef > 0`).
+* `policy_eval`: the held-out evaluation (RM, KL, gold judges, failure-mode probes).
 * `RolloutJudge`: gold scores of each update's rollout texts, for the metrics only.
 * `summarize`: the final policy vs the SFT policy on the same held-out prompts.
 
@@ -70,6 +71,14 @@ def prompt_data(config, tokenizer, batch_size: int, ptx_rows: int = 0):
         lm, _ = tokenize.encode_lm(tokenizer, texts, config.ptx.seq_len, pack=True)
         ptx = ArrayIterator(lm, ptx_rows, seed=config.seed + 1)
     return PromptBatches(prompts, ptx), train_texts, eval_texts
+
+
+def policy_eval(config, m: Models, eval_texts: list[str], place) -> evaluation.PolicyEval:
+    """The stage's `PolicyEval` (config.eval) on its held-out prompts: RM score, KL from the SFT
+    reference, gold judges, and the failure-mode probes when `eval.probes > 0`."""
+    world = sources.from_config(config.data.source).world()
+    return evaluation.PolicyEval.from_config(config.eval, eval_texts, m.tokenizer, reward=m.reward,
+                                             reference=m.policy, place=place, world=world)
 
 
 class RolloutJudge:

@@ -544,8 +544,7 @@ def run(config) -> dict:
 
     batches, train_texts, eval_texts = onpolicy.prompt_data(config, m.tokenizer, P)
     judge = onpolicy.RolloutJudge(config.eval, m.tokenizer, train_texts)
-    policy_eval = evaluation.PolicyEval.from_config(config.eval, eval_texts, m.tokenizer,
-                                                    reward=m.reward, reference=m.policy, place=tr)
+    policy_eval = onpolicy.policy_eval(config, m, eval_texts, tr)
     rollout_jit = functools.partial(_rollout_jit, s, batch_sharding=tr.batch_sharding)
     update_jit = jax.jit(functools.partial(update, s, optimizer,
                                            batch_sharding=tr.batch_sharding),

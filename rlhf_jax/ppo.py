@@ -530,8 +530,7 @@ def run(config) -> dict:
     ptx_rows = s.minibatches * int(config.ptx.rows_per_minibatch) if s.ptx_coef > 0 else 0
     batches, train_texts, eval_texts = onpolicy.prompt_data(config, m.tokenizer, B, ptx_rows)
     judge = onpolicy.RolloutJudge(config.eval, m.tokenizer, train_texts)
-    policy_eval = evaluation.PolicyEval.from_config(config.eval, eval_texts, m.tokenizer,
-                                                    reward=m.reward, reference=m.policy, place=tr)
+    policy_eval = onpolicy.policy_eval(config, m, eval_texts, tr)
 
     # Jitted pieces, each compiled once (fixed shapes): rollout (sampler + passes + GAE) and the
     # whole PPO update. Params / optimizer state keep the trainer's shardings.

@@ -67,6 +67,52 @@ IGNORED: tuple[str, ...] = ("workdir",)
 
 _user_allowed: frozenset[str] = frozenset()
 
+# Fields added to the shipped configs after runs had been cached under keys of configs without
+# them. At these values a field means "off, as before", so it is left out of every key built on a
+# config — the zoo's base models (`zoo.config_key`), the pipeline's and experiments' stage dirs
+# (`experiments.lib.stage_key`), sweep trials (`sweep.config_key`) and `config_hash` here — and a
+# work dir recorded without it resumes (`diff`). Matched against the end of a field's dotted path
+# (`data.source.world`, `ptx.source.world`, `sft.eval.probes`, ...).
+KEY_NEUTRAL: dict[str, tuple] = {
+    "source.world": ("", "default"),  # the simulated world variant (issue 16)
+    "prompts.world": ("", "default"),  # the pipeline's comparison prompts (a data source)
+    "source.improved_share": (0.0,),  # failure-mode options of simulated comparisons
+    "source.improved_typo_rate": (0.0,),
+    "source.refusals": ("",),
+    "source.group_bias": (0.0,),
+    "source.length_bias": (0.0,),
+    "eval.probes": (0,),  # failure-mode probes of a policy evaluation
+}
+
+
+def is_neutral(path: str, value) -> bool:
+    """Whether dotted field `path` holds a `KEY_NEUTRAL` value (bools never count as 0)."""
+    if isinstance(value, bool):
+        return False
+    return any((path == k or path.endswith("." + k)) and value in v
+               for k, v in KEY_NEUTRAL.items())
+
+
+def strip_neutral(d: Mapping, prefix: str = "") -> dict:
+    """A copy of nested dict `d` without its fields at `KEY_NEUTRAL` values."""
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out[key] = strip_neutral(value, path + ".")
+        elif not is_neutral(path, value):
+            out[key] = value
+    return out
+
+
+def key_dict(config) -> dict:
+    """The config as a dict that cache keys hash: without `IGNORED` fields (the work dir) and
+    without fields at their `KEY_NEUTRAL` values."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for key in IGNORED:
+        d.pop(key, None)
+    return strip_neutral(d)
+
 
 # ------------------------------------------------------------------------------------ opt-in
 
@@ -117,8 +163,7 @@ def config_hash(config) -> str:
     """Hash of the resolved config without the fields in `IGNORED` (16 hex digits)."""
     d = canonical(config) if not isinstance(config, dict) else json.loads(
         json.dumps(config, sort_keys=True, default=str))
-    for key in IGNORED:
-        d.pop(key, None)
+    d = key_dict(d)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,7 +171,8 @@ _MISSING = "<absent>"
 
 
 def diff(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted field: (old, new)} of every leaf that differs (a missing side is `<absent>`)."""
+    """{dotted field: (old, new)} of every leaf that differs (a missing side is `<absent>`; a
+    field missing on one side and at its `KEY_NEUTRAL` value on the other does not differ)."""
     out: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
@@ -135,7 +181,7 @@ def diff(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tuple[Any, A
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out.update(diff(a, b, path + "."))
-        elif a != b:
+        elif a != b and not (_MISSING in (a, b) and is_neutral(path, b if a is _MISSING else a)):
             out[path] = (a, b)
     return out
 

@@ -215,6 +215,21 @@ def judge_agreement(config, source, policy, rm, tokenizer, key, place) -> dict:
     return out
 
 
+def rm_probes(config, source, rm, tokenizer, place) -> dict:
+    """{"probes": counterfactual-pair metrics} of the RM when its source's simulated world has
+    failure-mode features (`rlhf_jax.sim.probes.run_rm_probes`: the same text with and without
+    a typo, a refusal vs an answer on harmful and on boundary prompts, the group word swapped;
+    how often the RM prefers each side and the mean margin), else {}."""
+    world = source.world()
+    if world is None or not world.config.features():
+        return {}
+    from rlhf_jax.sim import probes
+
+    score = evaluation.text_scorer(rm, tokenizer, config.data.max_len, config.eval.batch_size,
+                                   place=place)
+    return {"probes": probes.run_rm_probes(world, score)}
+
+
 # ----------------------------------------------------------------------------------------------
 # The stage.
 
@@ -304,6 +319,7 @@ def run(config) -> dict:
     if "fresh_reference_rewards" in agreement:
         summary["fresh_reference_rewards"] = agreement.pop("fresh_reference_rewards")
     summary["judge_agreement"] = agreement
+    summary.update(rm_probes(config, source, rm, tokenizer, tr))
     summary["train_seconds"] = round(train_seconds, 1)
     summary["runtime_seconds"] = round(time.perf_counter() - t_start, 1)
     tr.write_summary(summary)
@@ -314,4 +330,4 @@ def run(config) -> dict:
 
 if __name__ == "__main__":
     config_utils.run_stage(run, ("held_out_accuracy", "gold_ceiling_accuracy", "gap_to_ceiling",
-                                "judge_agreement", "reward_norm", "runtime_seconds"))
+                                "judge_agreement", "probes", "reward_norm", "runtime_seconds"))

@@ -29,6 +29,7 @@ class Purpose(enum.IntEnum):
     COMPARE = 1234  # the pipeline's method comparison (index: method)
     BEST_OF_N = 4000  # best-of-n candidate samples (index: chunk)
     BEST_OF_N_CURVES = 4100  # best-of-n curves (experiments/best_of_n, gao_bon, ...): N per prompt
+    PROBES = 5000  # failure-mode probe samples: a fold of a policy evaluation's key
 
 
 class StepUse(enum.IntEnum):

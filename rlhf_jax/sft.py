@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("sft", "pretrain")
 
 
-def stage_config(objective: str, model: str, smoke: bool) -> ml_collections.ConfigDict:
-    """Config of an LM-loss stage (pretraining or SFT) on the simulated world (unlocked)."""
+def stage_config(objective: str, model: str, smoke: bool,
+                 world: str = "") -> ml_collections.ConfigDict:
+    """Config of an LM-loss stage (pretraining or SFT) on the simulated world (unlocked);
+    `world` names its variant ("" = the default world)."""
     c = config_utils.base_config()
     c.objective = objective  # "pretrain": every token a target; "sft": response tokens only
     c.tokenizer = ""  # "" = from init_from's metadata, else the simulated world's tokenizer
@@ -39,9 +41,9 @@ def stage_config(objective: str, model: str, smoke: bool) -> ml_collections.Conf
                                              scan_layers=True))
     pretrain = objective == "pretrain"
     c.data = ml_collections.ConfigDict(dict(
-        source=dict(kind="sim", seed=0,
-                    num_train=200 if smoke else (60_000 if pretrain else 20_000),
-                    num_eval=64 if smoke else 512),
+        source=config_utils.sim_source(
+            seed=0, num_train=200 if smoke else (60_000 if pretrain else 20_000),
+            num_eval=64 if smoke else 512),
         max_len=64 if pretrain else 32,
         pack=pretrain,  # packed rows with segment ids: no attention across documents
     ))
@@ -59,6 +61,7 @@ def stage_config(objective: str, model: str, smoke: bool) -> ml_collections.Conf
     c.eval = config_utils.policy_eval_config(
         num_prompts=16 if smoke else 256, temperature=1.0, batch_size=16 if smoke else 128,
         judges=("vader",), gold="vader")
+    c.data.source.world = world
     return c
 
 
@@ -122,7 +125,7 @@ def run(config) -> dict:
     policy_eval = None
     if config.eval.num_prompts > 0:
         policy_eval = PolicyEval.from_config(config.eval, source.prompts("eval"), tokenizer,
-                                             place=tr)
+                                             place=tr, world=source.world())
 
     def eval_fn(st):
         # Fixed-shape batches (one compile); the held-out set is the same every eval.

@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from rlhf_jax import checkpoint, config_utils, sft
+from rlhf_jax import checkpoint, config_utils, provenance, sft
 from rlhf_jax.errors import UserError
 from rlhf_jax.paths import cache_dir
 
@@ -27,28 +27,31 @@ log = logging.getLogger(__name__)
 PRETRAIN_STEPS = {"sim-0.1m": 600, "sim-0.4m": 800, "sim-1.6m": 1200, "sim-4m": 1600}
 
 
-def pretrain_config(model: str = "sim-0.4m", *, smoke: bool = False, steps: int | None = None):
-    """The config that defines base model `model` (`configs/pretrain_sim.py` returns it)."""
+def pretrain_config(model: str = "sim-0.4m", *, smoke: bool = False, steps: int | None = None,
+                    world: str = ""):
+    """The config that defines base model `model` of world variant `world` ("" = the default
+    world; `configs/pretrain_sim.py` returns it)."""
     if model not in PRETRAIN_STEPS:
         raise UserError("model", f"{model!r} has no base model in the zoo",
                         f"use one of {sorted(PRETRAIN_STEPS)}")
-    c = sft.stage_config(objective="pretrain", model=model, smoke=smoke)
-    c.workdir = f"runs/pretrain_{model}"
+    c = sft.stage_config(objective="pretrain", model=model, smoke=smoke, world=world)
+    c.workdir = f"runs/pretrain_{model}" + (f"_{world}" if world else "")
     c.init_from = ""  # from scratch
     c.train.steps = int(steps if steps is not None else (2 if smoke else PRETRAIN_STEPS[model]))
     return c
 
 
 def config_key(config) -> str:
-    """Hash of a stage config without its work dir (what makes two runs interchangeable)."""
-    d = config.to_dict()
-    d.pop("workdir", None)
+    """Hash of a stage config without its work dir (what makes two runs interchangeable);
+    fields at their `provenance.KEY_NEUTRAL` values are left out, so adding one kept the key."""
+    d = provenance.key_dict(config)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def base_model(preset: str, **overrides) -> Path:
-    """Work dir of the pretrained base model `preset` (trains it if not cached)."""
-    config = pretrain_config(preset)
+def base_model(preset: str, world: str = "", **overrides) -> Path:
+    """Work dir of the pretrained base model `preset` of world variant `world` (trains it if not
+    cached)."""
+    config = pretrain_config(preset, world=world)
     for key, value in overrides.items():
         config_utils.set_dotted(config, key, value)
     config.lock()
@@ -71,12 +74,19 @@ def ensure_pretrained(config) -> Path:
     return workdir
 
 
-def resolve(preset: str) -> str:
-    """The `zoo:` init scheme: `zoo:<preset>` -> the cached base model's work dir."""
+def resolve(name: str) -> str:
+    """The `zoo:` init scheme: `zoo:<preset>` (the default world) or `zoo:<preset>@<variant>`
+    (a world variant, e.g. `zoo:sim-0.4m@failure_modes`) -> the cached base model's work dir."""
+    from rlhf_jax.sim.world import WORLD_VARIANTS
+
+    preset, _, world = name.partition("@")
     if preset not in PRETRAIN_STEPS:
-        raise UserError("config.init_from", f"zoo:{preset} is not a base model of the zoo",
-                        f"use zoo:<one of {', '.join(sorted(PRETRAIN_STEPS))}>")
-    return str(base_model(preset))
+        raise UserError("config.init_from", f"zoo:{name} is not a base model of the zoo",
+                        f"use zoo:<one of {', '.join(sorted(PRETRAIN_STEPS))}>[@<world>]")
+    if world and world not in WORLD_VARIANTS:
+        raise UserError("config.init_from", f"zoo:{name} names an unknown world {world!r}",
+                        f"use one of {sorted(WORLD_VARIANTS)} after '@'")
+    return str(base_model(preset, "" if world == "default" else world))
 
 
 __all__ = ["PRETRAIN_STEPS", "base_model", "ensure_pretrained", "pretrain_config", "resolve"]

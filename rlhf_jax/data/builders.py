@@ -67,10 +67,10 @@ _MAX_MESSAGES = 20
 
 _SIM_KEYS = {"kind", "seed", "num_train", "num_eval", "data_dir", "world"}
 # Failure-mode options of simulated comparisons (issue 16) and their "off" values.
-_COMPARISON_OPTIONS = {"improved_share": 0.0, "improved_typo_rate": 0.0, "refusals": "",
+COMPARISON_OPTIONS = {"improved_share": 0.0, "improved_typo_rate": 0.0, "refusals": "",
                        "group_bias": 0.0, "length_bias": 0.0}
 _SIM_COMPARISON_KEYS = _SIM_KEYS | {"k", "judge", "target_agreement", "flip_prob", "pool",
-                                   "num_buckets"} | set(_COMPARISON_OPTIONS)
+                                   "num_buckets"} | set(COMPARISON_OPTIONS)
 _JSONL_KEYS = {"kind", "train", "eval", "skip_malformed", "data_dir"}
 # Fields of a simulated source that its text datasets (prompts, demonstrations, corpus) read.
 SIM_TEXT_KEYS = _SIM_KEYS
@@ -370,7 +370,7 @@ def _simulate_comparisons(p: dict, split: str) -> dict:
     responses = [list(it[1]) for it in items]
     kinds = [list(it[2]) for it in items]
     first = np.full(len(prompts), -1, np.int64)  # a response ranked first whatever the gold
-    if any(p.get(o, off) != off for o, off in _COMPARISON_OPTIONS.items()):
+    if any(p.get(o, off) != off for o, off in COMPARISON_OPTIONS.items()):
         _failure_mode_rows(p, split, w, prompts, responses, kinds, first)
     judge = get_judge(p["judge"])
     flat = judge.score([pr for pr, rs in zip(prompts, responses) for _ in rs],
@@ -540,7 +540,7 @@ def _comparison_options(source: dict, params: dict) -> dict:
 
     cfg = get_world(params["seed"], params.get("variant", "default")).config
     opts = {}
-    for name, off in _COMPARISON_OPTIONS.items():
+    for name, off in COMPARISON_OPTIONS.items():
         raw = source.get(name, off)
         try:
             value = type(off)(raw) if raw is not None else off

@@ -66,6 +66,11 @@ class DataSource:
         self._unsupported("comparisons")
 
     # The simulated world only --------------------------------------------------------------
+    def world(self):
+        """The simulated world behind the source (`rlhf_jax.sim.world.World`: probe prompts,
+        failure-mode features), or None for real data."""
+        return None
+
     def annotator_names(self) -> dict[str, str] | None:
         return None
 

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax import config_utils
+from rlhf_jax import config_utils, provenance
 from rlhf_jax.errors import UserError
 
 Sweep = list[dict[str, Any]]
@@ -278,15 +278,15 @@ def resolve(config_file: str, arg: str | None, base_args: Sequence[str] = (),
 
 
 def config_key(config, entry: str) -> str:
-    """12 hex digits of sha256 over the program and the resolved config minus `workdir`."""
-    d = config_utils.config_to_dict(config)
-    d.pop("workdir", None)
+    """12 hex digits of sha256 over the program and the resolved config minus `workdir` (and
+    minus fields at their `provenance.KEY_NEUTRAL` values)."""
+    d = provenance.key_dict(config_utils.config_to_dict(config))
     blob = json.dumps({"entry": entry, "config": d}, sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _slug(overrides: Mapping[str, Any], limit: int = 60) -> str:
-    text = ",".join(f"{k}={v}" for k, v in overrides.items())
+def _slug(overrides: Mapping[str, Any], limit: int = 60, label: str | None = None) -> str:
+    text = label if label is not None else ",".join(f"{k}={v}" for k, v in overrides.items())
     text = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
     return text[:limit].rstrip(",_")
 
@@ -326,11 +326,13 @@ def check_base_args(base_args: Sequence[str]) -> list[str]:
 
 def expand(config_file: str, arg: str | None, overrides: Sweep | None = None, *,
            workdir: str | Path, entry: str | None = None,
-           base_args: Sequence[str] = ()) -> list[Trial]:
+           base_args: Sequence[str] = (), labels: Sequence[str] | None = None) -> list[Trial]:
     """Trials of a sweep: `overrides` (default: the config file's `get_sweep(arg)`) resolved.
 
-    `workdir` is the sweep directory; trial i runs in `<workdir>/<name>`. Two trials with the
-    same resolved config are an error (they would share a work dir).
+    `workdir` is the sweep directory; trial i runs in `<workdir>/<name>`, where the name is
+    `<overrides>-<key>`, or `<labels[i]>-<key>` when labels are given (e.g. when an override is
+    a long path). Two trials with the same resolved config are an error (they would share a
+    work dir).
     """
     config_file = str(config_file)
     if overrides is None:
@@ -341,6 +343,9 @@ def expand(config_file: str, arg: str | None, overrides: Sweep | None = None, *,
         raise UserError(f"{config_file}: get_sweep({arg!r})", "returned no trials",
                         "return at least one override dict ({} runs the config as it is)")
     entry = entry_of(config_file, entry)
+    if labels is not None and len(labels) != len(overrides):
+        raise UserError("sweep", f"{len(labels)} labels for {len(overrides)} trials",
+                        "give one label per trial")
     base_args = check_base_args(base_args)
     given = {a[len("--config."):].split("=", 1)[0] for a in base_args}
     base = _parse_base(config_file, arg, base_args)
@@ -357,7 +362,7 @@ def expand(config_file: str, arg: str | None, overrides: Sweep | None = None, *,
             raise UserError(f"trial {i} {ov}", f"resolves to the same config as trial {seen[key]}",
                             "remove the duplicate from the sweep")
         seen[key] = i
-        slug = _slug(ov)
+        slug = _slug(ov) if labels is None else _slug({}, label=labels[i])
         name = f"{slug}-{key}" if slug else key
         trial_dir = str(Path(workdir) / name)
         args = (config_argv(config_file, arg), *base_args, *flags, f"--config.workdir={trial_dir}")
