@@ -23,6 +23,10 @@ from pathlib import Path
 
 import pytest
 
+# ~6 minutes of compilation-bound stage processes: outside CI's budget. The experiment's
+# trials, report and verdict code run in CI through tests/test_failure_modes.py.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["probe/typo_rate", "probe/refusal_boundary", "probe/refusal_harmful",
         "probe/group_gold_gap", "probe/length_gain_total", "probe/length_words"]
