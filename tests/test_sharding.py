@@ -119,3 +119,26 @@ def test_distributed_is_off_unless_asked(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
     assert sharding.cluster_env_detected() == "TPU pod"
+
+
+def test_fsdp8_holds_an_eighth_of_the_parameter_bytes_per_device():
+    """ZeRO-3 layout: on an fsdp=8 mesh each device holds ~1/8 of the policy's parameter bytes
+    (measured from the arrays' addressable shards), against all of them when replicated."""
+    from rlhf_jax import models
+
+    cfg = models.ModelConfig(arch="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                             n_kv_heads=2, d_ff=128, max_len=32)
+    params = models.init_params(cfg, jax.random.key(0), ("lm",))
+    axes = models.param_axes(cfg, ("lm",))
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+
+    def bytes_on_first_device(mesh_cfg):
+        mesh = sharding.make_mesh(mesh_cfg)
+        placed = jax.device_put(params, sharding.logical_to_shardings(axes, mesh, None, params))
+        dev = jax.devices()[0]
+        return sum(s.data.nbytes for x in jax.tree.leaves(placed)
+                   for s in x.addressable_shards if s.device == dev)
+
+    assert bytes_on_first_device({"data": 8}) == total  # data parallel: replicated
+    per_device = bytes_on_first_device({"fsdp": 8})
+    assert per_device / total == pytest.approx(1 / 8, abs=0.01), per_device / total
