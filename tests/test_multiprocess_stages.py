@@ -51,11 +51,25 @@ def test_stages_on_two_processes_match_one_process(tmp_path):
         log.seek(0)
         assert p.returncode == 0, f"process {i}:\n{log.read()[-4000:]}"
 
+    compare_summaries(tmp_path)
+
+
+# The RM's score-head bias is unidentifiable under a pairwise / K-wise loss (a constant shift
+# of every score leaves the loss unchanged), so its gradient is float noise whose sign depends
+# on the reduction order, and Adam turns that noise into lr-sized steps: the raw scores of the
+# two topologies differ by a constant (2.9e-3 after 2 smoke steps, measured), every other RM
+# metric matches, and `reward_norm/bias` absorbs the constant (gain matched to 1e-7). What the
+# next stage reads, the normalised reward, is the same: PPO's metrics match to 1e-5.
+UNIDENTIFIABLE = {"rm": {"reward_norm/bias"}}
+
+
+def compare_summaries(root: Path) -> None:
     for stage in ("sft", "rm", "ppo", "dpo"):
-        got = _scalars(json.loads((tmp_path / "multi" / stage / "summary.json").read_text()))
-        want = _scalars(json.loads((tmp_path / "single" / stage / "summary.json").read_text()))
+        got = _scalars(json.loads((root / "multi" / stage / "summary.json").read_text()))
+        want = _scalars(json.loads((root / "single" / stage / "summary.json").read_text()))
         keys = {k for k in want if "seconds" not in k and "steps_per_sec" not in k
-                and not k.startswith("data/") and "build" not in k}
+                and not k.startswith("data/") and "build" not in k and "time/" not in k
+                and k not in UNIDENTIFIABLE.get(stage, ())}
         assert keys <= set(got), (stage, sorted(keys - set(got)))
         assert len(keys) > 5, (stage, sorted(keys))
         for k in sorted(keys):
