@@ -52,6 +52,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Mapping
 
 import numpy as np
@@ -451,12 +452,17 @@ def _build_lock(builder):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(builder, what: str, where: str) -> dict:
-    """`builder.download_and_prepare()` with TFDS's failures re-raised as a `UserError` naming
-    `where` (our file or field), and one log line for a fresh build. Returns build stats."""
+def prepare(make_builder: Callable[[], Any], what: str, where: str) -> tuple[Any, dict]:
+    """`download_and_prepare()` of the builder `make_builder()` makes, with TFDS's failures
+    re-raised as a `UserError` naming `where` (our file or field), and one log line for a fresh
+    build. Returns (builder, build stats). A builder made before another process finished the
+    build holds that moment's (empty) dataset info, so when the dataset was found prepared the
+    builder returned is a fresh one, which reads the finished splits from disk."""
     t0 = time.perf_counter()
+    builder = make_builder()
     with _build_lock(builder):
-        return _prepare_locked(builder, what, where, t0)
+        stats = _prepare_locked(builder, what, where, t0)
+    return (make_builder() if stats["cached"] else builder), stats
 
 
 def _prepare_locked(builder, what: str, where: str, t0: float) -> dict:
@@ -482,12 +488,9 @@ def build(kind: str, params: dict, data_dir: str, where: str = "config.data.sour
     """Prepare (or reuse) dataset `kind` with `params`; returns (builder, stats)."""
     cls = _builder_classes()[kind]
     name = _key(kind, BUILDERS_VERSION, params)
-    builder = cls(params=params, config_name=name, data_dir=data_dir)
     files = sorted((params.get("files") or {}).values())
-    stats = prepare(builder, kind.replace("_", " "), ", ".join(files) or where)
-    # A builder made before another process finished the build holds that moment's (empty)
-    # dataset info; a fresh one reads the finished dataset's splits from disk.
-    return cls(params=params, config_name=name, data_dir=data_dir), stats
+    return prepare(lambda: cls(params=params, config_name=name, data_dir=data_dir),
+                   kind.replace("_", " "), ", ".join(files) or where)
 
 
 def _read(builder, split: str, fields: tuple[str, ...], where: str = "config.data.source"):

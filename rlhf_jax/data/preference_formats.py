@@ -451,10 +451,10 @@ def build_preference_dataset(splits: dict[str, dict[str, Any]], data_dir: str
     """
     from rlhf_jax.data.builders import prepare
 
-    builder = _builder_class()(splits=splits, data_dir=data_dir)
     files = [f for s in splits.values() for f in ([s["files"]] if isinstance(s["files"], str)
                                                  else s["files"])]
-    prepare(builder, "preference", ", ".join(files))
+    builder, _ = prepare(lambda: _builder_class()(splits=splits, data_dir=data_dir),
+                         "preference", ", ".join(files))
     stats = dict(builder.info.metadata.get("stats", {}))
     source = builder.as_data_source()
     out = {}
