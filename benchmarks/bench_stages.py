@@ -38,6 +38,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,16 @@ def _decode_flops(cfg, rows: int, prompt: int, new: int) -> float:
 # -------------------------------------------------------------------------------- workloads
 
 
+def model_overrides(text: str) -> dict:
+    """`scan_layers=true,dtype=bfloat16` -> ModelConfig fields (the levers of bench_levers)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        low = value.lower()
+        out[key] = (low == "true") if low in ("true", "false") else value
+    return out
+
+
 def _setup(size: str):
     import jax
     import ml_collections
@@ -91,8 +102,11 @@ def _setup(size: str):
     from rlhf_jax import config_utils, models, optim
     from rlhf_jax import trainer as tr
 
+    # The model as a stage builds it (ModelConfig's defaults: scan_layers, remat, dtype),
+    # changed only by --model (a lever under measurement).
+    fields = {**SIZES[size], **model_overrides(os.environ.get("BENCH_MODEL", ""))}
     cfg = models.ModelConfig(arch="gpt2", vocab_size=VOCAB, max_len=MAX_LEN, tie_embeddings=True,
-                             dropout=0.0, scan_layers=False, **SIZES[size])
+                             dropout=0.0, **fields)
     config = config_utils.base_config()
     place = tr.Placement(config)  # data = every device
     optim_cfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", warmup_steps=0,
@@ -312,16 +326,22 @@ def measure(size: str, workload: str, steps: int, warmup: int) -> dict:
     compile_s = time.perf_counter() - t0
     compiled = [f._cache_size() for f in jitted]
     times = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     for i in range(warmup, warmup + steps):
         t = time.perf_counter()
         jax.block_until_ready(run_step(i))
         times.append(time.perf_counter() - t)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     recompiles = sum(f._cache_size() for f in jitted) - sum(compiled)
     median = statistics.median(times)
     peak = _matmul_peak(info["cfg"], rows=2048 if workload == "sft" else 16 * (PROMPT + GEN))
     out = {"median_s": median, "all_s": times, "warmup_s": compile_s, "recompiles": recompiles,
            "model_gflops_per_s": flops / median / 1e9, "gflop_per_step": flops / 1e9,
-           "matmul_peak_gflops_per_s": peak}
+           "matmul_peak_gflops_per_s": peak,
+           # Issue 13's page-fault defect: minor faults and system CPU seconds per step.
+           "minor_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / steps,
+           "system_s_per_step": (ru1.ru_stime - ru0.ru_stime) / steps,
+           "user_s_per_step": (ru1.ru_utime - ru0.ru_utime) / steps}
     out["fraction_of_matmul_peak"] = out["model_gflops_per_s"] / peak
     if info.get("split"):
         split = info["split"][warmup:]
@@ -348,6 +368,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--devices", default="1,2", help="JAX CPU device counts, one process each")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per workload")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--model", default="", help="ModelConfig overrides, e.g. scan_layers=false")
+    ap.add_argument("--xla_flags", default="", help="XLA_FLAGS for the measured processes")
+    ap.add_argument("--preload", default="", help="LD_PRELOAD for the measured processes (an "
+                    "allocator such as libjemalloc.so.2)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "stages.json"))
@@ -365,6 +389,11 @@ def main(argv=None) -> dict:
     for n in [int(x) for x in args.devices.split(",")]:
         env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(n), JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES
+        if args.xla_flags:
+            env["XLA_FLAGS"] = args.xla_flags
+        env["BENCH_MODEL"] = args.model
+        if args.preload:
+            env["LD_PRELOAD"] = args.preload
         cmd = [sys.executable, "-m", "benchmarks.bench_stages", "--child",
                f"--sizes={','.join(args.sizes)}", f"--workloads={','.join(args.workloads)}",
                f"--steps={args.steps}", f"--warmup={args.warmup}"]
@@ -375,6 +404,8 @@ def main(argv=None) -> dict:
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
         results[n] = json.loads(line[len("RESULT "):])
     table = report(results, args)
+    if args.out == "-":
+        return {"results": results, "table": table}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"results": {str(k): v for k, v in results.items()}, "table": table,

@@ -1,4 +1,4 @@
-"""Weak-to-strong generalization across the zoo's model sizes (Burns et al. 2023, Figs. 3-5).
+"""Weak-to-strong generalization across model sizes (Burns et al. 2023, Figs. 3-5).
 
     python -m experiments.weak_to_strong                                      # the default
     python -m experiments.weak_to_strong --config=configs/w2s_sim.py:tiny     # CI-sized
@@ -7,8 +7,8 @@
     python -m experiments.weak_to_strong --runner=subprocess       # one process per trial
     python -m experiments.weak_to_strong --no_compile_cache        # no persistent XLA cache
 
-The trials are `configs/w2s_sim.py`'s `get_sweep(arg)`: every (weak < strong) pair of the
-zoo's sizes x {naive, aux} x seeds (`:diagonal=True` adds the weak == strong pairs, whose PGR
+The trials are `configs/w2s_sim.py`'s `get_sweep(arg)`: every (weak < strong) pair of its
+`SIZES` (sim-0.1m unpretrained, zoo sim-0.4m, sim-1.6m) x {naive, aux} x seeds (`:diagonal=True` adds the weak == strong pairs, whose PGR
 is undefined: their ceiling is the weak model's own size), each the protocol of `rlhf_jax.w2s`
 (weak supervisor on half A, strong student on its labels of half B, ceiling on B's ground truth,
 test accuracy of all three). Weak supervisors and ceilings are shared between trials (trained

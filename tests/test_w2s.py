@@ -220,7 +220,8 @@ def test_sweep_lists_every_pair_loss_and_seed_and_each_override_applies():
     sweep = w2s_sim.get_sweep("seeds=3")
     n = len(w2s_sim.SIZES)
     assert len(sweep) == n * (n + 1) // 2 * 2 * 3
-    order = {f"zoo:{s}": i for i, s in enumerate(w2s_sim.SIZES)}
+    order = {s if ":" in s else f"zoo:{s}": i for i, s in enumerate(w2s_sim.SIZES)}
+    assert set(order) == {t["weak"] for t in sweep} | {t["strong"] for t in sweep}
     assert all(order[t["weak"]] <= order[t["strong"]] for t in sweep)
     assert len({t["workdir"] for t in sweep}) == len(sweep)
     # The tiny preset trains scratch models (no zoo pretraining) and leaves out weak == strong.

@@ -1,0 +1,105 @@
+"""Each speed lever of issue 13 against the defaults, paired in one run.
+
+    python -m benchmarks.bench_levers [--levers baseline,unrolled,...] [--workloads sft,rm]
+                                      [--sizes a,b] [--devices 2] [--steps 5] [--rounds 2]
+
+A lever is a change of the model config (`bench_stages --model`) or of XLA's flags
+(`--xla_flags`); every lever runs the same `bench_stages` workloads (the stage code, issue 13's
+shapes) in fresh processes. The levers run in rounds, in order, baseline first in each, so a
+load change on the shared machine hits neighbours alike; the table gives each lever's median
+s/step over the rounds and its speed-up over the baseline of the same rounds (> 1: the lever
+wins). Writes benchmarks/results/levers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from benchmarks import bench_stages
+
+# name -> (ModelConfig overrides, XLA flags[, LD_PRELOAD]). The baseline is what a user gets.
+_LIB = "/usr/lib/x86_64-linux-gnu/"
+LEVERS = {
+    "baseline": ("", ""),
+    "unrolled": ("scan_layers=false", ""),  # a Python loop over layers instead of lax.scan
+    "remat_full": ("remat=full", ""),  # recompute activations in the backward pass
+    "bf16": ("dtype=bfloat16", ""),  # bf16 compute, f32 master weights and logits
+    "onednn": ("", "--xla_cpu_use_onednn=true"),
+    "onednn_cc": ("", "--xla_cpu_experimental_onednn_custom_call=true"),
+    "no_xnnpack": ("", "--xla_cpu_use_xnnpack=false"),
+    "vector512": ("", "--xla_cpu_prefer_vector_width=512"),
+    "concurrency_sched": ("", "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+    "fast_math": ("", "--xla_cpu_enable_fast_math=true"),
+    # Allocators that keep freed pages (issue 13's page faults; apt: libjemalloc2,
+    # libtcmalloc-minimal4). Skipped when the library is not installed.
+    "jemalloc": ("", "", _LIB + "libjemalloc.so.2"),
+    "tcmalloc": ("", "", _LIB + "libtcmalloc_minimal.so.4"),
+}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levers", default=",".join(LEVERS))
+    ap.add_argument("--workloads", default="sft,rm")
+    ap.add_argument("--sizes", default="a,b")
+    ap.add_argument("--devices", default="2")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "levers.json"))
+    args = ap.parse_args(argv)
+    levers = [x for x in args.levers.split(",") if x]
+    unknown = [x for x in levers if x not in LEVERS]
+    if unknown:
+        ap.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
+    levers = [x for x in levers if len(LEVERS[x]) < 3 or os.path.exists(LEVERS[x][2])
+              or print(f"skipping {x}: {LEVERS[x][2]} is not installed")]
+    if "baseline" not in levers:
+        levers.insert(0, "baseline")
+    runs: dict[str, list[dict]] = {name: [] for name in levers}
+    for r in range(args.rounds):
+        for name in levers:
+            model, flags, preload = (LEVERS[name] + ("",))[:3]
+            print(f"[round {r + 1}/{args.rounds}] {name}", flush=True)
+            out = bench_stages.main([f"--sizes={args.sizes}", f"--workloads={args.workloads}",
+                                     f"--devices={args.devices}", f"--steps={args.steps}",
+                                     f"--model={model}", f"--xla_flags={flags}",
+                                     f"--preload={preload}", "--out=-"])
+            runs[name].append(out["results"])
+    keys = list(next(iter(runs["baseline"][0].values())))
+    rows = []
+    print(f"\n{'lever':<20}" + "".join(f"{k:>16}" for k in keys))
+    for name in levers:
+        row = {"lever": name, "model": LEVERS[name][0], "xla_flags": LEVERS[name][1],
+               "preload": (LEVERS[name] + ("",))[2]}
+        cells = []
+        for k in keys:
+            # Best device count per round, then the median over rounds; the speed-up pairs
+            # each round with the same round's baseline.
+            secs = [min(res[n][k]["median_s"] for n in res) for res in runs[name]]
+            base = [min(res[n][k]["median_s"] for n in res) for res in runs["baseline"]]
+            speedup = statistics.median(b / s for b, s in zip(base, secs))
+            best = [res[min(res, key=lambda n: res[n][k]["median_s"])][k]
+                    for res in runs[name]]
+            row[k] = {"median_s": statistics.median(secs), "all_s": secs,
+                      "speedup_vs_baseline": speedup,
+                      "minor_faults_per_step": statistics.median(
+                          b["minor_faults_per_step"] for b in best),
+                      "system_s_per_step": statistics.median(b["system_s_per_step"]
+                                                             for b in best)}
+            cells.append(f"{statistics.median(secs):8.3f}s {speedup:5.2f}x")
+        rows.append(row)
+        print(f"{name:<20}" + "".join(f"{c:>16}" for c in cells))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
+    print(f"-> {args.out}")
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
