@@ -21,6 +21,8 @@ import ml_collections
 
 from rlhf_jax import config_utils
 
+ENTRY = "rlhf_jax.w2s"  # the program `python -m rlhf_jax.sweep` runs for each trial
+
 # The models of the study, weak to strong: init_from specs, or zoo presets (bare names). On this
 # world a model's accuracy after fine-tuning depends on its pretraining, not its width: zoo
 # sim-0.1m, 0.4m and 1.6m all reach ~0.91-0.93 on `form`, so no pair of them leaves a gap to
@@ -110,7 +112,9 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     """Every (weak <= strong) pair x {naive, aux} x seeds, as dotted overrides of get_config(arg).
 
     `arg` takes the preset keys of get_config plus `seeds` (count, default 3) and `root` (where
-    trial work dirs go, default runs/w2s). Pairs with weak == strong are included (the reference
+    the shared models and, under experiments.weak_to_strong, the trial work dirs go, default
+    runs/w2s). Also a `python -m rlhf_jax.sweep` config (ENTRY): every trial then runs in
+    `<sweep workdir>/<trial name>`. Pairs with weak == strong are included (the reference
     sweep runs them; their PGR has a near-zero denominator and is reported as such); the tiny
     preset leaves them out (`diagonal=False`) to stay within a CI budget.
     """
@@ -126,17 +130,14 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     def spec(name):
         return name if ":" in name else f"{scheme}:{name}"
 
-    def short(name):  # a path part: "scratch:sim-0.1m" -> "scratch-sim-0.1m"
-        return name.replace(":", "-")
-
     for i, weak in enumerate(sizes):
         for strong in sizes[i if diagonal else i + 1:]:
             for loss in ("naive", "aux"):
                 for seed in range(seeds):
+                    # No workdir: `python -m rlhf_jax.sweep` gives each trial its own, and
+                    # experiments.weak_to_strong names them <root>/<task>/<weak>_to_<strong>/...
                     out.append({
                         "weak": spec(weak), "strong": spec(strong),
                         "loss.kind": loss,
-                        "seed": seed, "shared_dir": f"{root}/shared",
-                        "workdir": f"{root}/{task}/{short(weak)}_to_{short(strong)}/{loss}/"
-                                   f"seed{seed}"})
+                        "seed": seed, "shared_dir": f"{root}/shared"})
     return out

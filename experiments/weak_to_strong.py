@@ -100,8 +100,17 @@ def trial_config(trial: Trial):
 
 def make_trials(config_file: str, arg: str, base_overrides: dict[str, Any]) -> list[Trial]:
     """get_sweep(arg) of the config file, each on top of the command line's overrides."""
-    sweep = _load_module(config_file).get_sweep(arg)
-    return [Trial(config_file, arg, {**base_overrides, **item}) for item in sweep]
+    module = _load_module(config_file)
+    trials = []
+    for item in module.get_sweep(arg):
+        t = Trial(config_file, arg, {**base_overrides, **item})
+        if "workdir" not in t.overrides:  # <root>/<task>/<weak>_to_<strong>/<loss>/seed<seed>
+            c = trial_config(t)
+            pair = f"{c.weak}_to_{c.strong}".replace("zoo:", "").replace(":", "-")
+            t.overrides["workdir"] = str(Path(c.shared_dir).parent / c.task.kind / pair
+                                         / c.loss.kind / f"seed{c.seed}")
+        trials.append(t)
+    return trials
 
 
 # ----------------------------------------------------------------------------------- runners

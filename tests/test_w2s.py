@@ -223,7 +223,14 @@ def test_sweep_lists_every_pair_loss_and_seed_and_each_override_applies():
     order = {s if ":" in s else f"zoo:{s}": i for i, s in enumerate(w2s_sim.SIZES)}
     assert set(order) == {t["weak"] for t in sweep} | {t["strong"] for t in sweep}
     assert all(order[t["weak"]] <= order[t["strong"]] for t in sweep)
-    assert len({t["workdir"] for t in sweep}) == len(sweep)
+    # No trial names its workdir (rlhf_jax.sweep gives each its own); the experiment names one
+    # per trial, all different.
+    assert not any("workdir" in t for t in sweep)
+    from experiments import weak_to_strong
+
+    dirs = {t.overrides["workdir"] for t in weak_to_strong.make_trials(
+        "configs/w2s_sim.py", "seeds=3", {})}
+    assert len(dirs) == len(sweep)
     # The tiny preset trains scratch models (no zoo pretraining) and leaves out weak == strong.
     tiny = w2s_sim.get_sweep("tiny")
     assert len(tiny) == 2 * 2 and all(t["weak"] == "scratch:sim-0.1m" for t in tiny)
@@ -234,6 +241,18 @@ def test_sweep_lists_every_pair_loss_and_seed_and_each_override_applies():
             node = base
             for part in key.split("."):
                 node = node[part]  # every override names a field
+
+
+def test_w2s_config_is_a_sweep_of_its_own_entry(tmp_path):
+    """`python -m rlhf_jax.sweep --config=configs/w2s_sim.py` runs every trial through
+    rlhf_jax.w2s, each in its own work dir, the models shared through shared_dir."""
+    from rlhf_jax.sweep import define
+
+    trials = define.expand("configs/w2s_sim.py", "seeds=2", workdir=tmp_path)
+    assert len(trials) == 6 * 2 * 2 and {t.entry for t in trials} == {"rlhf_jax.w2s"}
+    assert len({t.workdir for t in trials}) == len(trials)
+    assert all(t.args[-1] == f"--config.workdir={t.workdir}" for t in trials)
+    assert {t.overrides["shared_dir"] for t in trials} == {"runs/w2s/shared"}
 
 
 def test_aux_loss_refuses_gradient_accumulation():
