@@ -3,10 +3,11 @@
     python -m benchmarks.bench_levers [--levers baseline,unrolled,...] [--workloads sft,rm]
                                       [--sizes a,b] [--devices 2] [--steps 5] [--rounds 2]
 
-A lever is a change of the model config (`bench_stages --model`) or of XLA's flags
-(`--xla_flags`); every lever runs the same `bench_stages` workloads (the stage code, issue 13's
-shapes) in fresh processes. The levers run in rounds, in order, baseline first in each, so a
-load change on the shared machine hits neighbours alike; the table gives each lever's median
+A lever is a change of the model config (`bench_stages --model`), of XLA's flags
+(`--xla_flags`), of the allocator (`--preload`) or of the environment (`--env`); every lever
+runs the same `bench_stages` workloads (the stage code, issue 13's shapes) in fresh processes.
+The baseline is glibc's malloc and the ModelConfig defaults. The levers run in rounds, in
+order, baseline first in each, so a load change on the shared machine hits neighbours alike; the table gives each lever's median
 s/step over the rounds and its speed-up over the baseline of the same rounds (> 1: the lever
 wins). Writes benchmarks/results/levers.json.
 """
@@ -20,23 +21,31 @@ import statistics
 
 from benchmarks import bench_stages
 
-# name -> (ModelConfig overrides, XLA flags[, LD_PRELOAD]). The baseline is what a user gets.
 _LIB = "/usr/lib/x86_64-linux-gnu/"
+_TCMALLOC = bench_stages.TCMALLOC
+# name -> what it changes: `model` (ModelConfig overrides), `xla_flags`, `preload` (LD_PRELOAD:
+# an allocator; apt: libjemalloc2, libtcmalloc-minimal4; skipped when not installed) and `env`
+# (other variables of the measured processes). The baseline is what `bench_stages` measures.
 LEVERS = {
-    "baseline": ("", ""),
-    "unrolled": ("scan_layers=false", ""),  # a Python loop over layers instead of lax.scan
-    "remat_full": ("remat=full", ""),  # recompute activations in the backward pass
-    "bf16": ("dtype=bfloat16", ""),  # bf16 compute, f32 master weights and logits
-    "onednn": ("", "--xla_cpu_use_onednn=true"),
-    "onednn_cc": ("", "--xla_cpu_experimental_onednn_custom_call=true"),
-    "no_xnnpack": ("", "--xla_cpu_use_xnnpack=false"),
-    "vector512": ("", "--xla_cpu_prefer_vector_width=512"),
-    "concurrency_sched": ("", "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
-    "fast_math": ("", "--xla_cpu_enable_fast_math=true"),
-    # Allocators that keep freed pages (issue 13's page faults; apt: libjemalloc2,
-    # libtcmalloc-minimal4). Skipped when the library is not installed.
-    "jemalloc": ("", "", _LIB + "libjemalloc.so.2"),
-    "tcmalloc": ("", "", _LIB + "libtcmalloc_minimal.so.4"),
+    "baseline": {"preload": ""},  # glibc's malloc (bench_stages' default is tcmalloc if there)
+    "unrolled": {"model": "scan_layers=false"},  # a Python loop over layers, not lax.scan
+    "remat_full": {"model": "remat=full"},  # recompute activations in the backward pass
+    "bf16": {"model": "dtype=bfloat16"},  # bf16 compute, f32 master weights and logits
+    "onednn": {"xla_flags": "--xla_cpu_use_onednn=true"},
+    "onednn_cc": {"xla_flags": "--xla_cpu_experimental_onednn_custom_call=true"},
+    "no_xnnpack": {"xla_flags": "--xla_cpu_use_xnnpack=false"},
+    "vector512": {"xla_flags": "--xla_cpu_prefer_vector_width=512"},
+    "concurrency_sched": {"xla_flags": "--xla_cpu_enable_concurrency_optimized_scheduler=true"},
+    "fast_math": {"xla_flags": "--xla_cpu_enable_fast_math=true"},
+    # Issue 13's page faults: allocators that keep freed pages, and glibc told to keep them
+    # (env: read at process start; the same settings through mallopt at import time measured
+    # 1.12x / 1.31x at size a but 0.60x / 0.65x at size b, so neither shipped).
+    "jemalloc": {"preload": _LIB + "libjemalloc.so.2"},
+    "tcmalloc": {"preload": _TCMALLOC},
+    "glibc_env": {"env": "MALLOC_MMAP_MAX_=0,MALLOC_TRIM_THRESHOLD_=68719476736,"
+                         "MALLOC_ARENA_MAX=1"},
+    "tcmalloc+unrolled": {"preload": _TCMALLOC, "model": "scan_layers=false"},
+    "tcmalloc+remat_full": {"preload": _TCMALLOC, "model": "remat=full"},
 }
 
 
@@ -56,26 +65,27 @@ def main(argv=None) -> dict:
     unknown = [x for x in levers if x not in LEVERS]
     if unknown:
         ap.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    levers = [x for x in levers if len(LEVERS[x]) < 3 or os.path.exists(LEVERS[x][2])
-              or print(f"skipping {x}: {LEVERS[x][2]} is not installed")]
+    levers = [x for x in levers if os.path.exists(LEVERS[x].get("preload") or "/")
+              or print(f"skipping {x}: {LEVERS[x]['preload']} is not installed")]
     if "baseline" not in levers:
         levers.insert(0, "baseline")
     runs: dict[str, list[dict]] = {name: [] for name in levers}
     for r in range(args.rounds):
         for name in levers:
-            model, flags, preload = (LEVERS[name] + ("",))[:3]
+            lever = LEVERS[name]
             print(f"[round {r + 1}/{args.rounds}] {name}", flush=True)
             out = bench_stages.main([f"--sizes={args.sizes}", f"--workloads={args.workloads}",
                                      f"--devices={args.devices}", f"--steps={args.steps}",
-                                     f"--model={model}", f"--xla_flags={flags}",
-                                     f"--preload={preload}", "--out=-"])
+                                     f"--model={lever.get('model', '')}",
+                                     f"--xla_flags={lever.get('xla_flags', '')}",
+                                     f"--preload={lever.get('preload', '')}",  # glibc
+                                     f"--env={lever.get('env', '')}", "--out=-"])
             runs[name].append(out["results"])
     keys = list(next(iter(runs["baseline"][0].values())))
     rows = []
     print(f"\n{'lever':<20}" + "".join(f"{k:>16}" for k in keys))
     for name in levers:
-        row = {"lever": name, "model": LEVERS[name][0], "xla_flags": LEVERS[name][1],
-               "preload": (LEVERS[name] + ("",))[2]}
+        row = {"lever": name, **LEVERS[name]}
         cells = []
         for k in keys:
             # Best device count per round, then the median over rounds; the speed-up pairs

@@ -54,6 +54,7 @@ TRL_SECONDS = {("sft", "a"): 0.169, ("sft", "b"): 2.64, ("rm", "a"): 0.218, ("rm
                ("dpo", "a"): 0.231, ("dpo", "b"): 3.64, ("rloo", "a"): 0.635,
                ("rloo", "b"): 9.22, ("ppo", "a"): 2.99, ("ppo", "b"): 42.1}
 VOCAB, MAX_LEN, PROMPT, RESPONSE = 512, 128, 16, 48
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # scripts/allocator.sh
 GEN = 32  # new tokens of the RL workloads
 PAD, EOS = 0, 1
 
@@ -370,8 +371,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--model", default="", help="ModelConfig overrides, e.g. scan_layers=false")
     ap.add_argument("--xla_flags", default="", help="XLA_FLAGS for the measured processes")
-    ap.add_argument("--preload", default="", help="LD_PRELOAD for the measured processes (an "
-                    "allocator such as libjemalloc.so.2)")
+    ap.add_argument("--preload", default="auto", help="LD_PRELOAD for the measured processes "
+                    "(an allocator); auto: tcmalloc when installed, as scripts/allocator.sh "
+                    "gives the README's commands; '' or RLHF_JAX_MALLOC=system: glibc's malloc")
+    ap.add_argument("--env", default="", help="K=V,... more environment of the measured "
+                    "processes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "stages.json"))
@@ -392,8 +396,13 @@ def main(argv=None) -> dict:
         if args.xla_flags:
             env["XLA_FLAGS"] = args.xla_flags
         env["BENCH_MODEL"] = args.model
-        if args.preload:
-            env["LD_PRELOAD"] = args.preload
+        preload = TCMALLOC if args.preload == "auto" else args.preload
+        if args.preload == "auto" and (os.environ.get("RLHF_JAX_MALLOC") == "system"
+                                       or not os.path.exists(TCMALLOC)):
+            preload = ""
+        if preload:
+            env["LD_PRELOAD"] = preload
+        env.update(kv.split("=", 1) for kv in args.env.split(",") if kv)
         cmd = [sys.executable, "-m", "benchmarks.bench_stages", "--child",
                f"--sizes={','.join(args.sizes)}", f"--workloads={','.join(args.workloads)}",
                f"--steps={args.steps}", f"--warmup={args.warmup}"]

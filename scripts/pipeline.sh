@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -e .
+source scripts/allocator.sh
 python -m experiments.pipeline "$@"
