@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
     c.pool = ml_collections.ConfigDict(dict(pool="default", flip_prob=0.25,
                                             target_agreement=0.65))
     c.bon = ml_collections.ConfigDict(dict(
-        n=16 if tiny else 1024, prompts=16 if tiny else 64, temperature=1.0, max_prompt_len=8,
+        n=16 if tiny else 256, prompts=16 if tiny else 256, temperature=1.0, max_prompt_len=8,
         max_new_tokens=c.ppo.rollout.max_new_tokens, batch_size=256 if tiny else 512,
         n_boot=100 if tiny else 1000))
     c.lock()
