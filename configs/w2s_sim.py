@@ -125,8 +125,8 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     diagonal = bool(preset.get("diagonal", not tiny))
     sizes = TINY_SIZES if tiny else SIZES
     scheme = "scratch" if tiny else "zoo"
-    task = preset.get("task", "form")
     out = []
+
     def spec(name):
         return name if ":" in name else f"{scheme}:{name}"
 

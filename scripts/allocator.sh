@@ -8,9 +8,11 @@ if [ "${RLHF_JAX_MALLOC:-}" != "system" ]; then
   _tc=$(/sbin/ldconfig -p 2>/dev/null | grep -o '/[^ ]*libtcmalloc_minimal\.so\.4$' | head -n1 || true)
   if [ -z "$_tc" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     # Debian / Ubuntu: install it once (quietly; on failure we run with glibc's malloc).
-    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 \
-           >/dev/null 2>&1; } || true
+    _apt="timeout 180 env DEBIAN_FRONTEND=noninteractive apt-get -y -qq"
+    $_apt install libtcmalloc-minimal4 >/dev/null 2>&1 \
+      || { $_apt update >/dev/null 2>&1 && $_apt install libtcmalloc-minimal4 >/dev/null 2>&1; } \
+      || true
+    unset _apt
     _tc=$(/sbin/ldconfig -p 2>/dev/null | grep -o '/[^ ]*libtcmalloc_minimal\.so\.4$' | head -n1 || true)
   fi
   if [ -n "$_tc" ]; then
