@@ -7,9 +7,9 @@ A lever is a change of the model config (`bench_stages --model`), of XLA's flags
 (`--xla_flags`), of the allocator (`--preload`) or of the environment (`--env`); every lever
 runs the same `bench_stages` workloads (the stage code, issue 13's shapes) in fresh processes.
 The baseline is glibc's malloc and the ModelConfig defaults. The levers run in rounds, in
-order, baseline first in each, so a load change on the shared machine hits neighbours alike; the table gives each lever's median
-s/step over the rounds and its speed-up over the baseline of the same rounds (> 1: the lever
-wins). Writes benchmarks/results/levers.json.
+order, baseline first in each, so a load change on the shared machine hits neighbours alike;
+the table gives each lever's median s/step over the rounds and its speed-up over the baseline
+of the same rounds (> 1: the lever wins). Writes benchmarks/results/levers.json.
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ def main(argv=None) -> dict:
     unknown = [x for x in levers if x not in LEVERS]
     if unknown:
         ap.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    levers = [x for x in levers if os.path.exists(LEVERS[x].get("preload") or "/")
-              or print(f"skipping {x}: {LEVERS[x]['preload']} is not installed")]
+    for x in [x for x in levers if LEVERS[x].get("preload")]:
+        if not os.path.exists(LEVERS[x]["preload"]):
+            print(f"skipping {x}: {LEVERS[x]['preload']} is not installed")
+            levers.remove(x)
     if "baseline" not in levers:
         levers.insert(0, "baseline")
     runs: dict[str, list[dict]] = {name: [] for name in levers}
@@ -90,11 +92,14 @@ def main(argv=None) -> dict:
         for k in keys:
             # Best device count per round, then the median over rounds; the speed-up pairs
             # each round with the same round's baseline.
-            secs = [min(res[n][k]["median_s"] for n in res) for res in runs[name]]
-            base = [min(res[n][k]["median_s"] for n in res) for res in runs["baseline"]]
+            def best_per_round(lever):
+                return [min((res[n][k] for n in res), key=lambda r: r["median_s"])
+                        for res in runs[lever]]
+
+            best = best_per_round(name)
+            secs = [b["median_s"] for b in best]
+            base = [b["median_s"] for b in best_per_round("baseline")]
             speedup = statistics.median(b / s for b, s in zip(base, secs))
-            best = [res[min(res, key=lambda n: res[n][k]["median_s"])][k]
-                    for res in runs[name]]
             row[k] = {"median_s": statistics.median(secs), "all_s": secs,
                       "speedup_vs_baseline": speedup,
                       "minor_faults_per_step": statistics.median(

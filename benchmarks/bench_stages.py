@@ -396,10 +396,10 @@ def main(argv=None) -> dict:
         if args.xla_flags:
             env["XLA_FLAGS"] = args.xla_flags
         env["BENCH_MODEL"] = args.model
-        preload = TCMALLOC if args.preload == "auto" else args.preload
-        if args.preload == "auto" and (os.environ.get("RLHF_JAX_MALLOC") == "system"
-                                       or not os.path.exists(TCMALLOC)):
-            preload = ""
+        preload = args.preload
+        if preload == "auto":  # what scripts/allocator.sh would give
+            use = os.environ.get("RLHF_JAX_MALLOC") != "system" and os.path.exists(TCMALLOC)
+            preload = TCMALLOC if use else ""
         if preload:
             env["LD_PRELOAD"] = preload
         env.update(kv.split("=", 1) for kv in args.env.split(",") if kv)
