@@ -1,7 +1,7 @@
 """Seconds per optimizer step of every stage, through the stage code, against TRL's numbers.
 
     python -m benchmarks.bench_stages [--sizes a,b] [--workloads sft,rm,dpo,rloo,ppo]
-                                      [--devices 1,2] [--steps 5]
+                                      [--devices 1,2] [--steps 5] [--profile_steps 2]
 
 The shapes are issue 13's (reproduced exactly): GPT-2 architecture, vocab 512, n_positions 128,
 tied embeddings, dropout 0, f32, random init; size a: d=128, 4 layers, 4 heads (0.875M params);
@@ -28,6 +28,10 @@ of recompiles; model GFLOP/s (what the algorithm needs: 2 FLOPs per weight per t
 logits are used); in the same process the best dense f32 matmul GFLOP/s at the model's own matmul
 shapes, and the ratio; and TRL's figures from issue 13 (torch 2.13 CPU, fp32, 2 threads,
 measured on this project's 2-core machine) as labelled constants, with our speed-up over each.
+`--profile_steps N` traces N more steps per workload with `jax.profiler` and prints where the
+time goes at the largest device count (`benchmarks/step_profile.py`: matmuls, layout copies,
+scan stacking, collectives, elementwise, untraced), with the step time the matmuls alone would
+take at the rate they ran, against the time issue 13's goal allows.
 The machine is shared: absolute numbers swing with its load; compare within one run.
 Writes benchmarks/results/stages.json.
 """
@@ -109,7 +113,10 @@ def _setup(size: str):
     cfg = models.ModelConfig(arch="gpt2", vocab_size=VOCAB, max_len=MAX_LEN, tie_embeddings=True,
                              dropout=0.0, **fields)
     config = config_utils.base_config()
-    place = tr.Placement(config)  # data = every device
+    # config.mesh changed only by --mesh (a lever under measurement), else data = every device.
+    mesh = model_overrides(os.environ.get("BENCH_MESH", ""))
+    config.mesh.update({k: int(v) for k, v in mesh.items()})
+    place = tr.Placement(config)
     optim_cfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", warmup_steps=0,
                                                b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                                                grad_clip=1.0))
@@ -314,7 +321,7 @@ def _matmul_peak(cfg, rows: int) -> float:
     return best
 
 
-def measure(size: str, workload: str, steps: int, warmup: int) -> dict:
+def measure(size: str, workload: str, steps: int, warmup: int, profile_steps: int = 0) -> dict:
     import jax
 
     build = {"ppo": _ppo, "rloo": _rloo}.get(workload,
@@ -348,6 +355,20 @@ def measure(size: str, workload: str, steps: int, warmup: int) -> dict:
         split = info["split"][warmup:]
         out["rollout_s"] = statistics.median(r for r, _ in split)
         out["update_s"] = statistics.median(u for _, u in split)
+    if profile_steps:
+        import tempfile
+
+        from benchmarks import step_profile
+
+        threads = os.cpu_count() or 1
+        with tempfile.TemporaryDirectory() as trace_dir:
+            prof = step_profile.profile(run_step, profile_steps, warmup + steps, trace_dir,
+                                        threads)
+        dots = prof["dots"]["s"]
+        # If only the matmuls remained, at the rate they ran: the floor of this code on this CPU.
+        prof["dot_gflops_per_core"] = flops / dots / 1e9 if dots else float("nan")
+        prof["dot_floor_s"] = dots / threads
+        out["profile"] = prof
     return out
 
 
@@ -355,7 +376,8 @@ def child(args) -> None:
     res = {}
     for size in args.sizes:
         for w in args.workloads:
-            res[f"{w}/{size}"] = measure(size, w, args.steps, args.warmup)
+            res[f"{w}/{size}"] = measure(size, w, args.steps, args.warmup,
+                                         args.profile_steps)
             print(f"  [{os.environ.get('JAX_NUM_CPU_DEVICES')} dev] {w}/{size}: "
                   f"{res[f'{w}/{size}']['median_s']:.3f} s", file=sys.stderr, flush=True)
     print("RESULT " + json.dumps(res))
@@ -370,12 +392,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5, help="measured steps per workload")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--model", default="", help="ModelConfig overrides, e.g. scan_layers=false")
+    ap.add_argument("--mesh", default="", help="config.mesh overrides, e.g. data=1,fsdp=2")
     ap.add_argument("--xla_flags", default="", help="XLA_FLAGS for the measured processes")
     ap.add_argument("--preload", default="auto", help="LD_PRELOAD for the measured processes "
                     "(an allocator); auto: tcmalloc when installed, as scripts/allocator.sh "
                     "gives the README's commands; '' or RLHF_JAX_MALLOC=system: glibc's malloc")
     ap.add_argument("--env", default="", help="K=V,... more environment of the measured "
                     "processes")
+    ap.add_argument("--profile_steps", type=int, default=0,
+                    help="also trace this many steps per workload and print where the time goes "
+                    "(benchmarks/step_profile.py): matmuls, layout copies, scan stacking, "
+                    "collectives, elementwise, untraced")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "stages.json"))
@@ -396,6 +423,7 @@ def main(argv=None) -> dict:
         if args.xla_flags:
             env["XLA_FLAGS"] = args.xla_flags
         env["BENCH_MODEL"] = args.model
+        env["BENCH_MESH"] = args.mesh
         preload = args.preload
         if preload == "auto":  # what scripts/allocator.sh would give
             use = os.environ.get("RLHF_JAX_MALLOC") != "system" and os.path.exists(TCMALLOC)
@@ -405,7 +433,8 @@ def main(argv=None) -> dict:
         env.update(kv.split("=", 1) for kv in args.env.split(",") if kv)
         cmd = [sys.executable, "-m", "benchmarks.bench_stages", "--child",
                f"--sizes={','.join(args.sizes)}", f"--workloads={','.join(args.workloads)}",
-               f"--steps={args.steps}", f"--warmup={args.warmup}"]
+               f"--steps={args.steps}", f"--warmup={args.warmup}",
+               f"--profile_steps={args.profile_steps}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if proc.returncode:
@@ -452,7 +481,41 @@ def report(results: dict, args) -> list[dict]:
                   + f"{trl / ours[best_n]:>9.2f}x{r['model_gflops_per_s']:>9.1f}"
                   f"{r['matmul_peak_gflops_per_s']:>8.1f}{r['fraction_of_matmul_peak']:>8.0%}"
                   + split + ("  RECOMPILED" if row["recompiles"] else ""))
+    if args.profile_steps:
+        rows_p = profile_table(results, args)
+        for row in rows:
+            row["profile"] = rows_p.get(row["workload"])
     return rows
+
+
+GOAL = {"a": 1.5, "b": 1.2}  # issue 13: this many times TRL's speed at each size
+
+
+def profile_table(results: dict, args) -> dict:
+    """Where the time goes at the largest device count (one device per core: exact shares), and
+    the step time if only the matmuls remained, against the step time issue 13's goal needs."""
+    n = max(results)
+    cats = ("dots", "layout", "scan_stacking", "collectives", "elementwise", "untraced")
+    print(f"\nwhere the time goes ({n} devices; share of cores x wall; floor = the matmuls "
+          "alone at their measured rate)")
+    print(f"{'workload':<10}{'wall s':>8}" + "".join(f"{c[:11]:>12}" for c in cats)
+          + f"{'dot GF/s/core':>14}{'floor s':>9}{'goal s':>8}")
+    out = {}
+    for size in args.sizes:
+        for w in args.workloads:
+            key = f"{w}/{size}"
+            p = results[n][key].get("profile")
+            if not p:
+                continue
+            goal = TRL_SECONDS[(w, size)] / GOAL[size]
+            out[key] = {"devices": n, "wall_s": p["wall_s"], "goal_s": goal,
+                        "dot_floor_s": p["dot_floor_s"],
+                        "dot_gflops_per_core": p["dot_gflops_per_core"],
+                        **{f"{c}_share": p[c]["share"] for c in cats},
+                        "top_ops": p["top_ops"]}
+            print(f"{key:<10}{p['wall_s']:>8.3f}" + "".join(f"{p[c]['share']:>12.0%}" for c in cats)
+                  + f"{p['dot_gflops_per_core']:>14.1f}{p['dot_floor_s']:>9.3f}{goal:>8.3f}")
+    return out
 
 
 if __name__ == "__main__":
