@@ -3,12 +3,12 @@
     python -m benchmarks.bench_levers [--levers baseline,unrolled,...] [--workloads sft,rm]
                                       [--sizes a,b] [--devices 2] [--steps 5] [--rounds 2]
 
-A lever is a change of the model config (`bench_stages --model`), of XLA's flags
-(`--xla_flags`), of the allocator (`--preload`) or of the environment (`--env`); every lever
-runs the same `bench_stages` workloads (the stage code, issue 13's shapes) in fresh processes.
-The baseline is glibc's malloc and the ModelConfig defaults. The levers run in rounds, in
-order, baseline first in each, so a load change on the shared machine hits neighbours alike;
-the table gives each lever's median s/step over the rounds and its speed-up over the baseline
+A lever is a change of the model config (`bench_stages --model`), of the mesh (`--mesh`), of
+XLA's flags (`--xla_flags`), of the allocator (`--preload`) or of the environment (`--env`);
+every lever runs the same `bench_stages` workloads (the stage code, issue 13's shapes) in fresh
+processes. The baseline is glibc's malloc and the ModelConfig defaults (`--baseline=tcmalloc`:
+the shipped default instead). The levers run in rounds, in order, baseline first in each, so a
+load change on the shared machine hits neighbours alike; the table gives each lever's median s/step over the rounds and its speed-up over the baseline
 of the same rounds (> 1: the lever wins). Writes benchmarks/results/levers.json.
 """
 
@@ -46,6 +46,18 @@ LEVERS = {
                          "MALLOC_ARENA_MAX=1"},
     "tcmalloc+unrolled": {"preload": _TCMALLOC, "model": "scan_layers=false"},
     "tcmalloc+remat_full": {"preload": _TCMALLOC, "model": "remat=full"},
+    # bf16 compute over f32 master weights, every projection's matmuls bf16 x bf16 -> f32 in the
+    # forward and the backward (models/transformer.py `_low_precision_project`).
+    "tcmalloc+bf16": {"preload": _TCMALLOC, "model": "dtype=bfloat16"},
+    # Parameters, gradients and AdamW state split over the two devices (ZeRO-3 style: gradients
+    # reduce-scattered, parameters all-gathered) instead of replicated and all-reduced.
+    "tcmalloc+fsdp": {"preload": _TCMALLOC, "mesh": "data=1,fsdp=-1"},
+    # YNNPACK (XLA:CPU's matmul library) fusing more than single dots (XLA_FLAGS).
+    "tcmalloc+ynn_dot": {"preload": _TCMALLOC,
+                         "xla_flags": "--xla_cpu_experimental_ynn_fusion_type=dot"},
+    "tcmalloc+ynn_dot_eltwise_reduce": {
+        "preload": _TCMALLOC,
+        "xla_flags": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"},
 }
 
 
@@ -58,6 +70,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--devices", default="2")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--baseline", default="baseline", help="the lever the others are compared "
+                    "with (tcmalloc: the shipped default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "levers.json"))
     args = ap.parse_args(argv)
@@ -69,8 +83,10 @@ def main(argv=None) -> dict:
         if not os.path.exists(LEVERS[x]["preload"]):
             print(f"skipping {x}: {LEVERS[x]['preload']} is not installed")
             levers.remove(x)
-    if "baseline" not in levers:
-        levers.insert(0, "baseline")
+    if args.baseline not in LEVERS:
+        ap.error(f"unknown baseline {args.baseline!r}")
+    if args.baseline not in levers:
+        levers.insert(0, args.baseline)
     runs: dict[str, list[dict]] = {name: [] for name in levers}
     for r in range(args.rounds):
         for name in levers:
@@ -79,11 +95,12 @@ def main(argv=None) -> dict:
             out = bench_stages.main([f"--sizes={args.sizes}", f"--workloads={args.workloads}",
                                      f"--devices={args.devices}", f"--steps={args.steps}",
                                      f"--model={lever.get('model', '')}",
+                                     f"--mesh={lever.get('mesh', '')}",
                                      f"--xla_flags={lever.get('xla_flags', '')}",
                                      f"--preload={lever.get('preload', '')}",  # glibc
                                      f"--env={lever.get('env', '')}", "--out=-"])
             runs[name].append(out["results"])
-    keys = list(next(iter(runs["baseline"][0].values())))
+    keys = list(next(iter(runs[args.baseline][0].values())))
     rows = []
     print(f"\n{'lever':<20}" + "".join(f"{k:>16}" for k in keys))
     for name in levers:
@@ -98,7 +115,7 @@ def main(argv=None) -> dict:
 
             best = best_per_round(name)
             secs = [b["median_s"] for b in best]
-            base = [b["median_s"] for b in best_per_round("baseline")]
+            base = [b["median_s"] for b in best_per_round(args.baseline)]
             speedup = statistics.median(b / s for b, s in zip(base, secs))
             row[k] = {"median_s": statistics.median(secs), "all_s": secs,
                       "speedup_vs_baseline": speedup,
