@@ -8,8 +8,9 @@ XLA's flags (`--xla_flags`), of the allocator (`--preload`) or of the environmen
 every lever runs the same `bench_stages` workloads (the stage code, issue 13's shapes) in fresh
 processes. The baseline is glibc's malloc and the ModelConfig defaults (`--baseline=tcmalloc`:
 the shipped default instead). The levers run in rounds, in order, baseline first in each, so a
-load change on the shared machine hits neighbours alike; the table gives each lever's median s/step over the rounds and its speed-up over the baseline
-of the same rounds (> 1: the lever wins). Writes benchmarks/results/levers.json.
+load change on the shared machine hits neighbours alike; the table gives each lever's median
+s/step over the rounds and its speed-up over the baseline of the same rounds (> 1: the lever
+wins). Writes benchmarks/results/levers.json.
 """
 
 from __future__ import annotations
@@ -103,19 +104,18 @@ def main(argv=None) -> dict:
     keys = list(next(iter(runs[args.baseline][0].values())))
     rows = []
     print(f"\n{'lever':<20}" + "".join(f"{k:>16}" for k in keys))
+    def best_per_round(lever, k):
+        """Per round, the result of the best device count for workload k."""
+        return [min((res[n][k] for n in res), key=lambda r: r["median_s"]) for res in runs[lever]]
+
     for name in levers:
         row = {"lever": name, **LEVERS[name]}
         cells = []
         for k in keys:
-            # Best device count per round, then the median over rounds; the speed-up pairs
-            # each round with the same round's baseline.
-            def best_per_round(lever):
-                return [min((res[n][k] for n in res), key=lambda r: r["median_s"])
-                        for res in runs[lever]]
-
-            best = best_per_round(name)
+            # The median over rounds; the speed-up pairs each round with its own baseline.
+            best = best_per_round(name, k)
             secs = [b["median_s"] for b in best]
-            base = [b["median_s"] for b in best_per_round(args.baseline)]
+            base = [b["median_s"] for b in best_per_round(args.baseline, k)]
             speedup = statistics.median(b / s for b, s in zip(base, secs))
             row[k] = {"median_s": statistics.median(secs), "all_s": secs,
                       "speedup_vs_baseline": speedup,

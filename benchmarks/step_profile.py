@@ -68,15 +68,14 @@ def categorise(trace_dir: str, steps: int, wall_s: float, threads: int) -> dict:
     and the five slowest ops."""
     per_cat: collections.Counter = collections.Counter()
     per_op: collections.Counter = collections.Counter()
-    ops = [e for e in _events(trace_dir)
-           if e.get("ph") == "X" and "dur" in e and category(e["name"]) is not None]
+    ops = [(e, category(e["name"])) for e in _events(trace_dir)
+           if e.get("ph") == "X" and "dur" in e]
     busy_until: dict = {}  # per thread: the end of the op running there (nested events: once)
-    for e in sorted(ops, key=lambda e: (e["pid"], e["tid"], e["ts"])):
+    for e, cat in sorted(ops, key=lambda o: (o[0]["pid"], o[0]["tid"], o[0]["ts"])):
         thread = (e["pid"], e["tid"])
-        if e["ts"] < busy_until.get(thread, float("-inf")):
-            continue  # inside another op (a rendezvous within its all-reduce)
+        if cat is None or e["ts"] < busy_until.get(thread, float("-inf")):
+            continue  # not an op, or inside another op (a rendezvous within its all-reduce)
         busy_until[thread] = e["ts"] + e["dur"]
-        cat = category(e["name"])
         per_cat[cat] += e["dur"] * 1e-6 / steps
         per_op[e["name"]] += e["dur"] * 1e-6 / steps
     capacity = threads * wall_s

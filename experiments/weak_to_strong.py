@@ -11,8 +11,9 @@ The trials are `configs/w2s_sim.py`'s `get_sweep(arg)`: every (weak < strong) pa
 `SIZES` (sim-0.1m unpretrained, zoo sim-0.4m, sim-1.6m) x {naive, aux} x seeds
 (`:diagonal=True` adds the weak == strong pairs, whose PGR is undefined: their ceiling is the
 weak model's own size), each the protocol of `rlhf_jax.w2s` (weak supervisor on half A, strong
-student on its labels of half B, ceiling on B's ground truth, test accuracy of all three). Weak supervisors and ceilings are shared between trials (trained
-once); a finished trial is skipped on a rerun. `--config.<field>=v` overrides apply to every trial.
+student on its labels of half B, ceiling on B's ground truth, test accuracy of all three).
+Weak supervisors and ceilings are shared between trials (trained once); a finished trial is
+skipped on a rerun. `--config.<field>=v` overrides apply to every trial.
 
 Writes under `<root>/<task>/` (root: the preset key `root`, default runs/w2s):
 

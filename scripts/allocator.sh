@@ -3,7 +3,8 @@
 # kernel, so each step faults in fresh pages (issue 13: ~50k faults per size-a SFT step, 400k at
 # size b). tcmalloc keeps them: SFT / RM steps 1.41x / 1.43x faster at size a and 1.15x / 1.12x
 # at size b, measured side by side (python -m benchmarks.bench_levers; README, speed levers).
-# It must be preloaded before Python starts, so the scripts do it. RLHF_JAX_MALLOC=system keeps glibc's malloc.
+# It must be preloaded before Python starts, so the scripts do it.
+# RLHF_JAX_MALLOC=system keeps glibc's malloc.
 if [ "${RLHF_JAX_MALLOC:-}" != "system" ]; then
   _tc=$(/sbin/ldconfig -p 2>/dev/null | grep -o '/[^ ]*libtcmalloc_minimal\.so\.4$' | head -n1 || true)
   if [ -z "$_tc" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -274,7 +274,7 @@ def test_bf16_compute_is_close_to_f32(arch="llama"):
 @pytest.mark.parametrize("spec, with_bias", [("btd,dcf->btcf", True), ("btnh,nhd->btd", False)])
 def test_low_precision_projection_matches_f32_and_keeps_f32_accumulation(spec, with_bias):
     """bf16 projections (`transformer._project`): bf16 operands accumulated in f32 forward and
-    backward (XLA:CPU runs that form ~1.8x faster than f32; bf16 -> bf16 is slower), values and
+    backward (XLA:CPU runs that form 1.5-2.0x faster than f32; bf16 -> bf16 is slower), values and
     gradients close to f32 autodiff, each gradient in its argument's dtype (f32 master kernel:
     f32 gradient)."""
     n_in = len(spec.split(",")[0]) - 2

@@ -154,8 +154,8 @@ def _low_precision_project(x, kernel, bias, n_in: int, dtype: str):
     """x . kernel (+ bias) with both operands in `dtype` (bf16 / f16), accumulated and biased in
     f32, returned in `dtype`; the backward's matmuls take the same form.
 
-    XLA:CPU's library matmuls run bf16 x bf16 -> f32 ~1.8x faster than f32 on a CPU with
-    avx512_bf16, but bf16 x bf16 -> bf16 ~15% slower than f32 (issue 13, measured); autodiff of
+    XLA:CPU's library matmuls run bf16 x bf16 -> f32 1.5-2.0x faster than f32 on a CPU with
+    avx512_bf16, but bf16 x bf16 -> bf16 14-17% slower than f32 (issue 13, measured); autodiff of
     a plain einsum gives the backward's two matmuls the slow form and sums the bias gradient in
     bf16 (a slow reduce-window on CPU). The kernel gradient is accumulated in f32 and returned
     in the kernel's own dtype (f32 master weights get an f32 gradient).
