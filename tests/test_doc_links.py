@@ -24,8 +24,9 @@ def doc_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def strip_code(text: str) -> str:
-    """The text with fenced code blocks and inline code spans blanked (links there are not links)."""
+def strip_code(text: str, inline: bool = True) -> str:
+    """The text with fenced code blocks (and, with `inline`, code spans) blanked: links there are
+    not links, and `# comments` in a shell block are not headings."""
     out, fence = [], None
     for line in text.splitlines():
         m = FENCE.match(line)
@@ -38,7 +39,7 @@ def strip_code(text: str) -> str:
             fence = m.group(2)
             out.append("")
             continue
-        out.append(re.sub(r"`+[^`]*`+", "", line))
+        out.append(re.sub(r"`+[^`]*`+", "", line) if inline else line)
     return "\n".join(out)
 
 
@@ -59,7 +60,7 @@ def github_slug(heading: str) -> str:
 def anchors(path: Path) -> set[str]:
     seen: dict[str, int] = {}
     result = set()
-    for line in strip_code(path.read_text()).splitlines():
+    for line in strip_code(path.read_text(), inline=False).splitlines():
         m = HEADING.match(line)
         if not m:
             continue
