@@ -2,7 +2,7 @@
 # XLA:CPU mallocs and frees every step's buffers; glibc hands large freed blocks back to the
 # kernel, so each step faults in fresh pages (issue 13: ~50k faults per size-a SFT step, 400k at
 # size b). tcmalloc keeps them: SFT / RM steps 1.41x / 1.43x faster at size a and 1.15x / 1.12x
-# at size b, measured side by side (python -m benchmarks.bench_levers; README, speed levers).
+# at size b, measured side by side (python -m benchmarks.bench_levers; docs/performance.md, speed levers).
 # It must be preloaded before Python starts, so the scripts do it.
 # RLHF_JAX_MALLOC=system keeps glibc's malloc.
 if [ "${RLHF_JAX_MALLOC:-}" != "system" ]; then
