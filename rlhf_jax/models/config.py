@@ -53,7 +53,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     dropout: float = 0.0  # off by default in every stage (Huang et al. 2023)
-    hf_model_type: str | None = None  # model_type to write on export (gpt2, llama, qwen2, mistral)
+    hf_model_type: str | None = None  # model_type to write on export (gpt2, llama, qwen2, qwen3, mistral)
 
     def __post_init__(self):
         if self.arch not in ARCHES:
