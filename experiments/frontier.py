@@ -59,7 +59,7 @@ def train(config, st: lib.FigureStages, sft_dir: Path, rm_dir: Path) -> dict[str
     for m in methods(config):
         if not m.trains:
             continue
-        cfg = m.stage_config(config[m.block], sft=sft_dir, rm=rm_dir, rm_data=config.rm.data,
+        cfg = m.stage_config(config[m.block], sft=sft_dir, rm=rm_dir, rm_config=config.rm,
                              seed=config.seed)
         values = floats(config[values_field(m)], values_field(m))
         for v, row in zip(values, st.trials(m.name, cfg, m.config_file,

@@ -7,8 +7,8 @@ Each stage runs through its own module (`rlhf_jax.sft`, `rlhf_jax.rm`, `rlhf_jax
 work dir named by a hash of its config and of its inputs' hashes, under `<workdir>/stages/`; a
 stage whose output is already there is reused, an interrupted one resumes from its checkpoint.
 The base model comes from the world's model zoo cache (`rlhf_jax.zoo`). Every method starts from
-the same SFT policy; the RM and the methods that learn from comparisons (DPO, KTO: `data_from="rm"` in
-`rlhf_jax.registry`) train on the same comparisons.
+the same SFT policy; the RM and the methods that learn from comparisons (DPO, KTO:
+`data_from="rm"` in `rlhf_jax.registry`) train on the same comparisons.
 
 Writes `<workdir>/summary.json` (per method: gold ± SEM, proxy score, KL from SFT, gold win rate
 vs SFT, on the same held-out prompts), `<workdir>/gold_vs_kl.png` (one point per method) and,
@@ -82,7 +82,7 @@ def run_stages(config) -> dict[str, Path]:
         if not m.trains:
             continue
         cfg = m.stage_config(config[m.block], sft=dirs["sft"], rm=dirs["rm"],
-                             rm_data=rm_cfg.data, seed=seed)
+                             rm_config=rm_cfg, seed=seed)
         dirs[m.name] = lib.run_stage(m.name, registry.load(m), cfg,
                                      stages / f"{m.name}-{lib.stage_key(cfg)}", reuse)
     return dirs

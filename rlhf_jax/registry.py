@@ -13,7 +13,7 @@ Module paths and config files are strings: this module imports no method, no `co
     from rlhf_jax import registry
     for m in registry.parse(config.methods):               # "ppo,dpo,bon" -> [Method, ...]
         if m.trains:
-            cfg = m.stage_config(config[m.block], sft=..., rm=..., rm_data=config.rm.data)
+            cfg = m.stage_config(config[m.block], sft=..., rm=..., rm_config=config.rm)
             registry.load(m).run(cfg)
 """
 
@@ -66,11 +66,11 @@ class Method:
         return ",".join(parts) or None
 
     def stage_config(self, block, *, sft: str | None = None, rm: str | None = None,
-                     rm_data=None, seed: int | None = None):
+                     rm_config=None, seed: int | None = None):
         """A resolved, unlocked copy of `block` (this method's stage config) wired to its
         inputs: `init_from` the SFT policy, `reward_from` the RM when the method needs one,
-        the RM's comparisons (`rm_data`: the RM stage's `data` block) when it learns from
-        them, and `seed`. Inputs left as None are not set."""
+        the RM's comparisons (`rm_config`: the RM stage's config; its `data` block is read only
+        when the method learns from them) and `seed`. Inputs left as None are not set."""
         cfg = block.copy_and_resolve_references()
         with cfg.unlocked():
             if sft is not None:
@@ -79,9 +79,9 @@ class Method:
                 cfg.seed = int(seed)
             if self.needs_rm and rm is not None:
                 cfg.reward_from = str(rm)
-            if self.data_from == "rm" and rm_data is not None:
+            if self.data_from == "rm" and rm_config is not None:
                 for field in RM_DATA_FIELDS:
-                    cfg.data[field] = rm_data[field]
+                    cfg.data[field] = rm_config.data[field]
         return cfg
 
 

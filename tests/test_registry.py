@@ -50,13 +50,13 @@ def _block(**extra):
 
 
 def test_stage_config_wires_inputs_by_entry():
-    rm_data = ml_collections.ConfigDict(dict(source=dict(kind="sim", num_train=99),
-                                             candidates="policy", other=1))
+    rm_cfg = ml_collections.ConfigDict(dict(data=dict(source=dict(kind="sim", num_train=99),
+                                                      candidates="policy", other=1)))
     ppo = registry.METHODS["ppo"].stage_config(_block(reward_from=""), sft="/s", rm="/r",
-                                               rm_data=rm_data, seed=3)
+                                               rm_config=rm_cfg, seed=3)
     assert (ppo.init_from, ppo.reward_from, ppo.seed) == ("/s", "/r", 3)
     assert ppo.data.source.num_train == 1  # learns from its own prompts
-    dpo = registry.METHODS["dpo"].stage_config(_block(), sft="/s", rm="/r", rm_data=rm_data)
+    dpo = registry.METHODS["dpo"].stage_config(_block(), sft="/s", rm="/r", rm_config=rm_cfg)
     assert "reward_from" not in dpo
     assert dpo.data.source.num_train == 99 and dpo.data.candidates == "policy"
     assert registry.METHODS["kto"].data_from == "rm" and not registry.METHODS["kto"].needs_rm
