@@ -123,6 +123,13 @@ def test_scratch_is_an_init_scheme_with_the_sources_tokenizer():
         handoff.resolve_init("scratch:sim-0.1m", source={"kind": "jsonl", "train": "x"})
 
 
+def test_w2s_evaluates_on_placed_params():
+    """No `jax.device_get` of a (global) params tree: scores run on the mesh (many hosts)."""
+    import inspect
+
+    assert "device_get" not in inspect.getsource(w2s)
+
+
 def test_zero_initialised_head_predicts_one_half():
     cfg = models.ModelConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                              max_len=16)
