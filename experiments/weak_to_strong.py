@@ -149,9 +149,11 @@ def verdicts(cells: list[dict], diffs: list[dict], sizes: list[str]) -> list[lib
         else:
             word = "PGR <= 0"
         lines.append(f"{c['weak']} -> {c['strong']}: naive PGR {_interval(p)}: {word}")
-    out = [lib.Verdict(NAIVE_CLAIM, bool(naive) and all(
-        c["pgr"]["pgr"] > 0 and c["pgr"].get("lo", -1) > 0 for c in naive) if naive else None,
-        "; ".join(lines) or "no naive trial with weak != strong")]
+    # Pairs whose ceiling - weak gap is within noise cannot test the claim.
+    tested = [c for c in naive if c["pgr"].get("gap_resolved", True)]
+    out = [lib.Verdict(NAIVE_CLAIM, all(c["pgr"]["pgr"] > 0 and c["pgr"].get("lo", -1) > 0
+                                        for c in tested) if tested else None,
+                       "; ".join(lines) or "no naive trial with weak != strong")]
     big = [d for d in diffs if len(sizes) >= 2 and d["weak"] == sizes[0]
            and d["strong"] == sizes[-1]]
     if not big:
