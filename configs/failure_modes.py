@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
     # their resolved config, so a changed config runs anew).
     c.reuse = True
     c.workers = 2  # sweep workers (each pinned to its share of the CPU cores)
-    # RL methods, a comma list of experiments.failure_modes.METHODS: PPO and the critic-free
+    # RL methods (rlhf_jax.registry methods that train against an RM): PPO and the critic-free
     # RLOO (the tiny preset runs PPO only; `--config.methods=ppo,rloo` adds RLOO there too).
     c.methods = "ppo" if tiny else "ppo,rloo"
     c.pretrain = _unlocked(pretrain_sim.get_config(f"model={model},world={WORLD}"))

@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
     tiny = figures.is_tiny(preset)
     c = figures.common("frontier", preset)
     c.gold = c.eval.get("gold")  # the main world's gold (VADER), as in DPO's IMDb sentiment task
-    c.methods = "ppo,dpo,rloo,grpo,bon"  # comma list of experiments.frontier.METHODS
+    c.methods = "ppo,dpo,rloo,grpo,bon"  # comma list of rlhf_jax.registry.METHODS
     # The knob each method is swept over (one trial per value).
     c.ppo_betas = "0.02,0.2" if tiny else "0.02,0.05,0.1,0.2,0.5"  # fixed KL coefficient
     c.dpo_betas = "0.1,1.0" if tiny else "0.03,0.1,0.3,1.0"  # DPO's beta

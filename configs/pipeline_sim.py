@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
         c[name].eval.temperature = c.ppo.rollout.get_ref("temperature")
         c[name].eval.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
     # Methods trained from the same SFT policy and compared on the same held-out prompts.
-    c.methods = "ppo"  # a comma list of experiments.pipeline.METHODS
+    c.methods = "ppo"  # a comma list of rlhf_jax.registry.METHODS
     c.bon = ml_collections.ConfigDict(dict(n=16))  # best-of-n of the SFT policy, by the RM
     # The comparison: one sample per held-out prompt per method, at PPO's rollout settings.
     c.eval = config_utils.policy_eval_config(num_prompts=512, judges=("vader", "vader_trap"),

@@ -9,7 +9,7 @@ Preset keys: model (a base-model preset, see rlhf_jax.models.PRESETS), steps, sm
 world variant: its demonstrations, from its own base model `zoo:<model>@<world>`).
 """
 
-from rlhf_jax import config_utils, sft
+from rlhf_jax import config_utils, zoo
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     model = preset.get("model", "sim-0.4m")
     world = config_utils.world_preset(preset)
 
-    c = sft.stage_config(objective="sft", model=model, smoke=smoke, world=world)
+    c = zoo.stage_config(objective="sft", model=model, smoke=smoke, world=world)
     c.workdir = "runs/sft_sim"
     # The world's pretrained base model of this size (trained once, then cached); the smoke
     # preset starts from scratch so a test never pretrains.

@@ -35,17 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from experiments import lib
-from rlhf_jax import config_utils, sweep, zoo
+from rlhf_jax import config_utils, registry, sweep, zoo
 from rlhf_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "failure_modes.py"
 WORLD = "failure_modes"
-RM_CONFIG = (str(ROOT / "configs" / "rm_sim.py"), f"world={WORLD}")
-# RL method -> (its config file and preset, the field of this experiment's config that holds
-# its stage config).
-METHODS = {"ppo": ((str(ROOT / "configs" / "ppo_sim.py"), f"world={WORLD}"), "ppo"),
-           "rloo": ((str(ROOT / "configs" / "pg_sim.py"), f"method=rloo,world={WORLD}"), "rloo")}
+RM_CONFIG = (str(ROOT / registry.STAGES["rm"].config_file), f"world={WORLD}")
 FIXED = "fixed"
 
 
@@ -178,13 +174,16 @@ def failure_names(config) -> list[str]:
     return [name]
 
 
-def method_names(config) -> list[str]:
-    names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise UserError("config.methods", f"{str(config.methods)!r} names no method or an "
-                        f"unknown one", f"use a comma list of {sorted(METHODS)}")
-    return names
+def methods(config) -> list[registry.Method]:
+    """The RL methods of `config.methods`: those that train against an RM and whose stage
+    config this experiment's config holds (`config.<block>`)."""
+    return registry.parse(config.methods, among=[
+        n for n, m in registry.METHODS.items() if m.trains and m.needs_rm and m.block in config])
+
+
+def stage_file(m: registry.Method) -> tuple[str, str]:
+    """(config file, preset) of a method's stage config on this experiment's world."""
+    return str(ROOT / m.config_file), m.config_arg(f"world={WORLD}")
 
 
 def conditions(config) -> dict[str, dict]:
@@ -224,15 +223,15 @@ def run_stages(config, names: list[str]) -> dict:
     rms = {c: t.workdir for c, t in zip(wanted, rm_trials)}
     # The RL runs: every method against every RM.
     rl_trials, index = [], []
-    for method in method_names(config):
-        (file, arg), field = METHODS[method]
-        args = lib.override_flags(config[field], file, arg, skip={"reward_from"},
+    for m in methods(config):
+        file, arg = stage_file(m)
+        args = lib.override_flags(config[m.block], file, arg, skip={"reward_from"},
                                   init_from=str(sft_dir), seed=int(config.seed))
         trials = sweep.expand(file, arg, [{"reward_from": rms[c]} for c in wanted],
                               workdir=root / "sweep_rl", base_args=args,
-                              labels=[f"{method}-{c}" for c in wanted])
+                              labels=[f"{m.name}-{c}" for c in wanted])
         rl_trials += trials
-        index += [(c, method) for c in wanted]
+        index += [(c, m.name) for c in wanted]
     # Indices must be unique across the concatenated list (run_pool orders rows by them).
     rl_trials = [dataclasses.replace(t, index=i) for i, t in enumerate(rl_trials)]
     lib.run_sweep(rl_trials, slots, root / "sweep_rl")
@@ -327,7 +326,7 @@ def print_verdict(v: dict) -> None:
 def run(config) -> dict:
     t0 = time.perf_counter()
     names = failure_names(config)
-    method_names(config)
+    methods(config)
     root = Path(config.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
     dirs = run_stages(config, names)

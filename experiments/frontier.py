@@ -21,49 +21,29 @@ Writes `<workdir>/frontier.png`, `.csv` (one row per policy / n), `.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from experiments import lib
-from rlhf_jax import rng
+from rlhf_jax import registry, rng
 from rlhf_jax.errors import UserError
 
 CLAIM = "DPO's reward-KL frontier lies above PPO's"
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A trained method of the frontier: its config file, the figure config's block of its
-    stage config, the field swept and the figure config's field holding the values."""
-
-    config_file: str
-    block: str
-    knob: str
-    values: str
-    needs_rm: bool
-    arg: str | None = None  # the config file's preset (`configs/pg_sim.py:method=grpo`)
+def methods(config) -> list[registry.Method]:
+    """The entries of `config.methods`: trained methods whose block the config holds, swept over
+    the figure config's `<method>_<knob>s` values (`ppo_betas`), and best-of-n over n."""
+    return registry.parse(config.methods, among=[
+        n for n, m in registry.METHODS.items() if n in config and (
+            not m.trains or values_field(m) in config)])
 
 
-METHODS = {
-    "ppo": Method("configs/ppo_sim.py", "ppo", "kl.beta", "ppo_betas", True),
-    "dpo": Method("configs/dpo_sim.py", "dpo", "dpo.beta", "dpo_betas", False),
-    # Critic-free policy gradients (rlhf_jax.pg): RLOO (k1 in the reward), GRPO (k3 in the loss).
-    "rloo": Method("configs/pg_sim.py", "rloo", "kl.beta", "rloo_betas", True, "method=rloo"),
-    "grpo": Method("configs/pg_sim.py", "grpo", "kl.beta", "grpo_betas", True, "method=grpo"),
-    "bon": None,  # best-of-n of the SFT policy by the RM: no training
-}
-
-
-def method_names(config) -> list[str]:
-    names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise UserError("config.methods", f"{bad or 'nothing'} is not a method here",
-                        f"use a comma list of {sorted(METHODS)}")
-    return names
+def values_field(m: registry.Method) -> str:
+    """The figure config's field holding the values of a method's knob (`ppo_betas`)."""
+    return f"{m.name}_{m.knob.split('.')[-1]}s"
 
 
 def floats(text: str, field: str) -> list[float]:
@@ -76,23 +56,16 @@ def floats(text: str, field: str) -> list[float]:
 def train(config, st: lib.FigureStages, sft_dir: Path, rm_dir: Path) -> dict[str, dict]:
     """{policy name: {"method", "knob", "value", "dir"}} of every trained policy."""
     out = {}
-    for name in method_names(config):
-        m = METHODS[name]
-        if m is None:
+    for m in methods(config):
+        if not m.trains:
             continue
-        cfg = config[m.block].copy_and_resolve_references()
-        with cfg.unlocked():
-            cfg.init_from, cfg.seed = str(sft_dir), int(config.seed)
-            if m.needs_rm:
-                cfg.reward_from = str(rm_dir)
-            else:  # learns from exactly the comparisons the RM learned from
-                cfg.data.source = config.rm.data.source
-                cfg.data.candidates = config.rm.data.candidates
-        values = floats(config[m.values], m.values)
-        for v, row in zip(values, st.trials(name, cfg, m.config_file,
+        cfg = m.stage_config(config[m.block], sft=sft_dir, rm=rm_dir, rm_config=config.rm,
+                             seed=config.seed)
+        values = floats(config[values_field(m)], values_field(m))
+        for v, row in zip(values, st.trials(m.name, cfg, m.config_file,
                                             [{m.knob: v} for v in values], arg=m.arg)):
-            out[f"{name} {m.knob.split('.')[-1]}={v:g}"] = {
-                "method": name, "knob": m.knob, "value": v, "dir": row["workdir"]}
+            out[f"{m.name} {m.knob.split('.')[-1]}={v:g}"] = {
+                "method": m.name, "knob": m.knob, "value": v, "dir": row["workdir"]}
     return out
 
 
@@ -128,7 +101,7 @@ def run(config) -> dict:
     t0 = time.perf_counter()
     out = Path(config.workdir)
     out.mkdir(parents=True, exist_ok=True)
-    names = method_names(config)
+    names = [m.name for m in methods(config)]
     st = lib.FigureStages(config)
     sft_dir = st.sft()
     (rm_dir,) = st.rms([{}])  # the main world's RM (config.rm as it is)
@@ -142,14 +115,15 @@ def run(config) -> dict:
                        "gold_sem": r["gold_sem"], "rm_score": r["rm_score"],
                        "win_rate_vs_sft": r["win_rate_vs_sft"], "eos_rate": r["eos_rate"],
                        "response_length": r["response_length"]})
-    if "bon" in names:
+    bon = next((m for m in methods(config) if not m.trains), None)
+    if bon is not None:
         samples = lib.bon_samples(sft_dir, {"rm": rm_dir},
                                   lib.held_out_prompts(config, int(config.eval.num_prompts)),
-                                  int(config.bon.n), config.bon, (config.gold,),
+                                  int(config[bon.block].n), config[bon.block], (config.gold,),
                                   rng.key(config.seed, rng.Purpose.BEST_OF_N_CURVES))
-        for r in samples.curves("rm", config.gold, lib.powers_of_two(int(config.bon.n)),
-                                int(config.bon.n_boot)):
-            points.append({"policy": f"bon n={r['n']}", "method": "bon", "knob": "n",
+        for r in samples.curves("rm", config.gold, lib.powers_of_two(int(config[bon.block].n)),
+                                int(config[bon.block].n_boot)):
+            points.append({"policy": f"{bon.name} n={r['n']}", "method": bon.name, "knob": "n",
                            "value": float(r["n"]), "kl": r["kl_bon"], "gold": r["gold"],
                            "gold_sem": r["gold_se"], "rm_score": r["proxy"],
                            "kl_empirical": r["kl_empirical"]})
@@ -158,7 +132,8 @@ def run(config) -> dict:
     for n in names:
         pts = [p for p in points if p["method"] in (n, "sft")]
         d = np.sqrt(np.maximum([p["kl"] for p in pts], 0.0))
-        fits[n] = lib.fit_gao("bon" if n == "bon" else "rl", d,
+        form = "rl" if registry.get(n).trains else "bon"  # best-of-n: d (α − βd)
+        fits[n] = lib.fit_gao(form, d,
                               np.array([p["gold"] for p in pts]) - gold_sft).to_dict()
     dom = dominance(points, names)
     verdicts = [claim_verdict(dom, names)]
@@ -207,8 +182,9 @@ def plot(points: list[dict], names: list[str], out: Path, gold: str) -> Path:
         pts = sorted((p for p in points if p["method"] == n), key=lambda p: p["kl"])
         kl = np.array([sft["kl"]] + [p["kl"] for p in pts])
         g = np.array([sft["gold"]] + [p["gold"] for p in pts])
-        ax.errorbar(kl[1:], g[1:], yerr=[p["gold_sem"] for p in pts], fmt="o" if n != "bon"
-                    else "s", ms=4, capsize=2, color=f"C{i}", label=n.upper())
+        ax.errorbar(kl[1:], g[1:], yerr=[p["gold_sem"] for p in pts],
+                    fmt="o" if registry.get(n).trains else "s", ms=4, capsize=2, color=f"C{i}",
+                    label=n.upper())
         ax.plot(kl, np.maximum.accumulate(g), color=f"C{i}", lw=1, alpha=0.7)  # the frontier
     ax.plot([sft["kl"]], [sft["gold"]], "k*", ms=9, label="SFT")
     ax.set_xlabel("KL(π || π_SFT) per response [nats]")

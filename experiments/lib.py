@@ -26,14 +26,13 @@ What the figure modules (`experiments.gao_bon`, `gao_rl`, `frontier`, `rm_scalin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax import bon, checkpoint, evaluation, handoff, provenance, rng
+from rlhf_jax import bon, evaluation, handoff, rng, runcache
 from rlhf_jax.errors import UserError
 from rlhf_jax.trainer import Placement
 
@@ -42,10 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository (configs/ lives her
 
 def stage_key(config, *upstream: str) -> str:
     """Hash of a stage config (without its work dir, and without fields at their
-    `provenance.KEY_NEUTRAL` values) and of its inputs' keys."""
-    d = provenance.key_dict(config)
-    blob = json.dumps([d, upstream], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+    `provenance.KEY_NEUTRAL` values) and of its inputs' keys (`runcache.key`, 10 digits)."""
+    return runcache.key(config, *upstream, digits=10)
 
 
 def child_config(stage_cfg, **fields):
@@ -121,18 +118,27 @@ def eval_points(metrics_file: Path) -> list[dict]:
 
 
 def run_stage(name: str, module, config, workdir: Path, reuse: bool = True) -> Path:
-    """Run `module.run(config)` in `workdir` unless a finished output is there (and `reuse`)."""
-    if reuse and checkpoint.stage_is_complete(workdir):
-        print(f"[{name}] reusing {workdir}", flush=True)
-        return workdir
-    print(f"[{name}] running in {workdir}", flush=True)
+    """Run `module.run(config)` in `workdir` unless a finished output is there (and `reuse`),
+    through `runcache.ensure` (one finished-check, one lock)."""
+    import jax
+
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.workdir = str(workdir)
     config.lock()
-    t0 = time.perf_counter()
-    module.run(config)
-    print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def run():
+        print(f"[{name}] running in {workdir}", flush=True)
+        t0 = time.perf_counter()
+        module.run(config)
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    # Finished = its final checkpoint (no marker). The processes of a multi-process run train
+    # together: no lock.
+    workdir, reused = runcache.ensure(workdir, run, reuse=reuse, mark=False,
+                                      locked=jax.process_count() == 1)
+    if reused:
+        print(f"[{name}] reusing {workdir}", flush=True)
     return workdir
 
 
@@ -475,15 +481,14 @@ def _same_config_done(trial, sweep_dir: Path):
     if local.finished(trial) is not None or not sweep_dir.is_dir():
         return trial
     for d in sorted(sweep_dir.iterdir()):
-        marker = local.read_json(d / local.MARKER)
-        if marker and marker.get("key") == trial.key and marker.get("status") == local.DONE:
+        marker = runcache.read_json(d / runcache.MARKER)
+        if marker and marker.get("key") == trial.key and marker.get("status") == runcache.DONE:
             print(f"[trial] same config as {d.name}: {trial.name}", flush=True)
             return dataclasses.replace(trial, workdir=str(d))
     return trial
 
 
 def _run_inline(trial) -> dict:
-    import datetime
     import importlib
 
     from rlhf_jax import config_utils
@@ -498,11 +503,9 @@ def _run_inline(trial) -> dict:
     t0 = time.monotonic()
     importlib.import_module(trial.entry).run(config)
     seconds = time.monotonic() - t0
-    local.write_json(Path(trial.workdir) / local.MARKER, {
-        "name": trial.name, "key": trial.key, "overrides": trial.overrides,
-        "command": trial.command(), "status": local.DONE, "returncode": 0,
-        "seconds": round(seconds, 1), "in_process": True,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+    runcache.mark_done(trial.workdir, trial.key, name=trial.name, overrides=trial.overrides,
+                       command=trial.command(), returncode=0, seconds=round(seconds, 1),
+                       in_process=True)
     return local.result_row(trial, local.DONE, seconds, 0)
 
 

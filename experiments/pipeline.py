@@ -7,7 +7,8 @@ Each stage runs through its own module (`rlhf_jax.sft`, `rlhf_jax.rm`, `rlhf_jax
 work dir named by a hash of its config and of its inputs' hashes, under `<workdir>/stages/`; a
 stage whose output is already there is reused, an interrupted one resumes from its checkpoint.
 The base model comes from the world's model zoo cache (`rlhf_jax.zoo`). Every method starts from
-the same SFT policy; RM and DPO train on the same comparisons.
+the same SFT policy; the RM and the methods that learn from comparisons (DPO, KTO:
+`data_from="rm"` in `rlhf_jax.registry`) train on the same comparisons.
 
 Writes `<workdir>/summary.json` (per method: gold ± SEM, proxy score, KL from SFT, gold win rate
 vs SFT, on the same held-out prompts), `<workdir>/gold_vs_kl.png` (one point per method) and,
@@ -16,33 +17,18 @@ for PPO, `<workdir>/gold_proxy_vs_kl.png` (gold and proxy over its training), th
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
 
 from experiments import lib
-from rlhf_jax import zoo
-from rlhf_jax.errors import UserError
+from rlhf_jax import registry, zoo
 from rlhf_jax.trainer import Placement
 
 
-# name -> (stage module, its config field, whether it trains against the RM). Best-of-n trains
-# nothing: it is a policy made of the SFT policy and the RM at comparison time.
-METHODS = {"ppo": ("rlhf_jax.ppo", "ppo", True), "dpo": ("rlhf_jax.dpo", "dpo", False),
-           "rloo": ("rlhf_jax.pg", "rloo", True), "grpo": ("rlhf_jax.pg", "grpo", True),
-           "dr_grpo": ("rlhf_jax.pg", "dr_grpo", True), "bon": (None, "bon", True)}
-
-
-def method_names(config) -> list[str]:
-    names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-    for m in names:
-        if m not in METHODS:
-            raise UserError("config.methods", f"{m!r} is not a method",
-                            f"use a comma list of {sorted(METHODS)}")
-    if not names:
-        raise UserError("config.methods", "is empty", "e.g. --config.methods=ppo,dpo")
-    return names
+def methods(config) -> list[registry.Method]:
+    """The entries of `config.methods` (only methods whose block the config holds)."""
+    return registry.parse(config.methods, among=[n for n in registry.METHODS if n in config])
 
 
 _child = lib.child_config
@@ -53,31 +39,27 @@ def validate(config) -> None:
     should not cost the minutes of the stages before it)."""
     import jax
 
-    from rlhf_jax import config_utils, rm
+    from rlhf_jax import config_utils
 
-    stages = {"sft": config.sft, "rm": config.rm}
-    for name in method_names(config):
-        module, field, _ = METHODS[name]
-        if module is not None:
-            stages[name] = config[field]
-    for name, stage_cfg in stages.items():
-        cfg = _child(stage_cfg, init_from="<sft>", reward_from="<rm>") \
-            if "reward_from" in stage_cfg else _child(stage_cfg, init_from="<sft>")
+    entries = [registry.STAGES["sft"], registry.STAGES["rm"], *methods(config)]
+    for m in entries:
+        if not m.trains:
+            continue
+        cfg = m.stage_config(config[m.block], sft="<sft>", rm="<rm>")
         if cfg.train.get("epochs", 0) > 0:  # steps come from the data: any count >= warmup
             config_utils.set_dotted(cfg, "train.steps", max(cfg.train.steps,
                                                             cfg.optim.warmup_steps, 1))
         config_utils.validate(cfg, jax.device_count())
-        module = rm if name == "rm" else (importlib.import_module(METHODS[name][0])
-                                          if name in METHODS else None)
-        if module is not None and hasattr(module, "validate_config"):
+        module = registry.load(m)
+        if hasattr(module, "validate_config"):
             module.validate_config(cfg)
 
 
 def base_stages(config) -> tuple[dict[str, Path], object]:
     """Run (or reuse) the base model, SFT and RM stages every method starts from; returns their
-    work dirs and the RM stage's config (DPO trains on its comparisons)."""
-    from rlhf_jax import rm, sft
-
+    work dirs and the RM stage's config (methods with `data_from="rm"` learn from its
+    comparisons)."""
+    sft, rm = registry.load("sft"), registry.load("rm")
     stages, reuse, seed = Path(config.workdir) / "stages", config.reuse, config.seed
     t0 = time.perf_counter()
     base = zoo.ensure_pretrained(config.pretrain)
@@ -94,23 +76,15 @@ def base_stages(config) -> tuple[dict[str, Path], object]:
 def run_stages(config) -> dict[str, Path]:
     """Run (or reuse) every stage; returns their work dirs."""
     stages, reuse, seed = Path(config.workdir) / "stages", config.reuse, config.seed
-    names = method_names(config)
+    entries = methods(config)
     dirs, rm_cfg = base_stages(config)
-    for name in names:
-        module, field, needs_rm = METHODS[name]
-        if module is None:
+    for m in entries:
+        if not m.trains:
             continue
-        module = importlib.import_module(module)
-        fields = dict(init_from=str(dirs["sft"]), seed=seed)
-        if needs_rm:
-            fields["reward_from"] = str(dirs["rm"])
-        cfg = _child(config[field], **fields)
-        if name == "dpo":  # DPO learns from exactly the comparisons the RM learned from
-            with cfg.unlocked():
-                cfg.data.source = rm_cfg.data.source
-                cfg.data.candidates = rm_cfg.data.candidates
-        dirs[name] = lib.run_stage(name, module, cfg,
-                                   stages / f"{name}-{lib.stage_key(cfg)}", reuse)
+        cfg = m.stage_config(config[m.block], sft=dirs["sft"], rm=dirs["rm"],
+                             rm_config=rm_cfg, seed=seed)
+        dirs[m.name] = lib.run_stage(m.name, registry.load(m), cfg,
+                                     stages / f"{m.name}-{lib.stage_key(cfg)}", reuse)
     return dirs
 
 
@@ -118,11 +92,12 @@ def run(config) -> dict:
     t0 = time.perf_counter()
     root = Path(config.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    names = method_names(config)
+    names = [m.name for m in methods(config)]
     validate(config)
     dirs = run_stages(config)
     t_stages = time.perf_counter() - t0
-    policies = {n: (lib.BestOfN(int(config.bon.n)) if n == "bon" else dirs[n]) for n in names}
+    policies = {m.name: (dirs[m.name] if m.trains else lib.BestOfN(int(config[m.block].n)))
+                for m in methods(config)}
     # The comparison runs on the SFT stage's mesh.
     results = lib.compare_policies(config.eval, policies, dirs["sft"], dirs["rm"], config.seed,
                                    Placement(config.sft))

@@ -4,6 +4,8 @@ Every stage's `init_from` (and PPO's `reward_from`) names one of:
 
 * a finished stage's work dir (its `final/` params and metadata);
 * `hf:<dir>`: a local Hugging Face checkpoint;
+* `scratch:<preset>`: fresh random weights of a model preset (`scratch`), with the data
+  source's tokenizer;
 * `<scheme>:<rest>` for a registered scheme, e.g. `zoo:<preset>` (the simulated world's cached
   base model, `rlhf_jax.zoo`). Schemes come from the `rlhf_jax.init_schemes` entry-point group
   (setup.cfg) or `register_scheme`, so code that trains models (the zoo) sits above the methods
@@ -18,6 +20,7 @@ remapping (LM trunk -> RM, RM -> value) is dict surgery on the returned params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from importlib import metadata as importlib_metadata
@@ -27,6 +30,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import checkpoint, models
+from rlhf_jax.data import sources
 from rlhf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,17 +97,57 @@ def _hf_shardings(shardings):
     return lambda cfg, heads: shardings(cfg)(models.abstract_params(cfg, heads))
 
 
+SCRATCH = "scratch:"
+
+
+def scratch(name: str, *, shardings: Callable | None = None, seed: int = 0, source=None,
+            field: str = "config.init_from") -> Loaded:
+    """`scratch:<preset>`: fresh random LM weights of a `models.PRESETS` size (key
+    `rng.key(seed, INIT)`), with the data source's tokenizer (default: the simulated world's)
+    fixing the vocabulary: a baseline with no pretraining, and tiny tests."""
+    from rlhf_jax import rng
+
+    if name not in models.PRESETS:
+        raise UserError(field, f"{SCRATCH}{name}: unknown preset",
+                        f"choose from {sorted(models.PRESETS)}")
+    src = sources.from_config(source if source is not None else {"kind": "sim", "seed": 0})
+    found = src.tokenizer()
+    if found is None:
+        raise UserError(field, f"{SCRATCH}{name} needs a tokenizer and the data source has none",
+                        "train from a base model (zoo:<preset>, hf:<dir>) instead")
+    tok, tok_dir = found
+    cfg = models.preset(name, vocab_size=len(tok))
+    if shardings is None:
+        params = jax.tree.map(np.asarray, _init_jit(cfg)(rng.key(seed, rng.Purpose.INIT)))
+    else:  # straight onto the mesh
+        out = shardings(cfg)(models.abstract_params(cfg, ("lm",)))
+        params = jax.jit(lambda k: models.init_params(cfg, k, ("lm",)),
+                         out_shardings=out)(rng.key(seed, rng.Purpose.INIT))
+    meta = {"tokenizer_dir": str(tok_dir), "model_config": cfg.to_dict()}
+    return Loaded(cfg, params, meta, SCRATCH + name)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_jit(cfg: models.ModelConfig):
+    """Jitted fresh LM params of `cfg` (one compile per size)."""
+    return jax.jit(lambda k: models.init_params(cfg, k, ("lm",)))
+
+
 def resolve_init(init_from: str, *, shardings: Callable | None = None,
-                 field: str = "config.init_from") -> Loaded:
+                 field: str = "config.init_from", seed: int = 0, source=None) -> Loaded:
     """Load what `init_from` names (see the module docstring).
 
     `shardings(cfg)` -> `abstract params -> shardings` (`Trainer.model_shardings`) places the
-    params on the mesh as they are read; None gives host numpy arrays.
+    params on the mesh as they are read; None gives host numpy arrays. `seed` and `source` (a
+    `data.source` spec) are read by `scratch:<preset>` only.
     """
     from rlhf_jax.models import hf
 
     if not init_from:
         raise UserError(field, "is empty", "give a stage work dir, hf:<dir> or zoo:<preset>")
+    if init_from.startswith(SCRATCH):
+        return scratch(init_from[len(SCRATCH):], shardings=shardings, seed=seed, source=source,
+                       field=field)
     path = resolve_path(init_from, field)
     if path.startswith("hf:"):
         src = path[3:]
@@ -181,25 +225,25 @@ def check_norm_sampling(norm: Mapping[str, Any] | None, temperature: float,
                     field, {k: fit[k] for k in off}, {k: now[k] for k in off})
 
 
-def tokenizer_for(tokenizer_field: str, meta: Mapping, source: Mapping | None = None,
+def tokenizer_for(tokenizer_field: str, meta: Mapping, source=None,
                   field: str = "config.tokenizer"):
     """(tokenizer, directory): `config.tokenizer` if set, else the one `init_from` recorded,
-    else (simulated world only) the world's own tokenizer."""
+    else the data source's own (`DataSource.tokenizer()`: the simulated world has one).
+    `source`: a `data.source` spec or a `DataSource`."""
     from rlhf_jax.data.tokenize import load_tokenizer
 
     path = tokenizer_field or meta.get("tokenizer_dir")
     if path:
         where = field if tokenizer_field else "config.init_from (its recorded tokenizer_dir)"
         return load_tokenizer(str(path), where), str(path)
-    if source is None or source.get("kind") != "sim":
+    if source is not None and not isinstance(source, sources.DataSource):
+        source = sources.from_config(source)
+    found = None if source is None else source.tokenizer()
+    if found is None:
         raise UserError(field, "is empty and init_from records no tokenizer",
                         "set --config.tokenizer=<a Hugging Face tokenizer directory>")
-    from rlhf_jax.sim.tokenizer import world_tokenizer
-    from rlhf_jax.sim.world import world_spec
-
-    seed, variant = world_spec(source)
-    tok, path = world_tokenizer(seed, variant=variant)
-    return tok, str(path)
+    tok, tok_dir = found
+    return tok, str(tok_dir)
 
 
 def load_policy_and_tokenizer(config, place, source: Mapping | None = None):

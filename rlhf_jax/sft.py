@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import ml_collections
 import numpy as np
 
 from rlhf_jax import config_utils, handoff, models, optim
@@ -27,42 +26,6 @@ from rlhf_jax.rng import Purpose
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("sft", "pretrain")
-
-
-def stage_config(objective: str, model: str, smoke: bool,
-                 world: str = "") -> ml_collections.ConfigDict:
-    """Config of an LM-loss stage (pretraining or SFT) on the simulated world (unlocked);
-    `world` names its variant ("" = the default world)."""
-    c = config_utils.base_config()
-    c.objective = objective  # "pretrain": every token a target; "sft": response tokens only
-    c.tokenizer = ""  # "" = from init_from's metadata, else the simulated world's tokenizer
-    # Used only when init_from is "" (training from scratch).
-    c.model = ml_collections.ConfigDict(dict(preset=model, dropout=0.0, remat="none",
-                                             scan_layers=True))
-    pretrain = objective == "pretrain"
-    c.data = ml_collections.ConfigDict(dict(
-        source=config_utils.sim_source(
-            seed=0, num_train=200 if smoke else (60_000 if pretrain else 20_000),
-            num_eval=64 if smoke else 512),
-        max_len=64 if pretrain else 32,
-        pack=pretrain,  # packed rows with segment ids: no attention across documents
-    ))
-    c.optim.lr = 3e-3 if pretrain else 5e-4
-    c.optim.warmup_steps = 0 if smoke else 50
-    c.optim.schedule = "cosine"
-    c.optim.end_lr_ratio = 0.1
-    c.optim.weight_decay = 0.01 if pretrain else 0.0
-    c.train.batch_size = 8 if smoke else 64
-    c.train.eval_every = 0 if smoke else 200
-    c.train.eval_batches = 2 if smoke else 8
-    c.train.ckpt_every = 200
-    c.train.log_every = 1 if smoke else 20
-    # Samples of the policy at T = 1 on held-out prompts, judged by the gold (VADER).
-    c.eval = config_utils.policy_eval_config(
-        num_prompts=16 if smoke else 256, temperature=1.0, batch_size=16 if smoke else 128,
-        judges=("vader",), gold="vader")
-    c.data.source.world = world
-    return c
 
 
 def _model(config, trainer):

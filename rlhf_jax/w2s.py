@@ -49,22 +49,24 @@ Losses, per example, with w = the weak label P(label = 1) and p = sigmoid(z):
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from rlhf_jax import models, rng
+from rlhf_jax import config_utils, handoff, models, runcache
+from rlhf_jax import trainer as trainer_lib
+from rlhf_jax.data import classification
+from rlhf_jax.data.iterators import ArrayIterator
 from rlhf_jax.errors import UserError
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.rewards import score_batches, score_sequences
@@ -155,9 +157,10 @@ def classifier_logits(cfg: models.ModelConfig, params: Mapping, tokens: jax.Arra
 
 
 def predict_probs(cfg: models.ModelConfig, params: Mapping, tokens: np.ndarray,
-                  mask: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """P(label = 1) of every row (host params; fixed-shape jitted chunks)."""
-    z = score_batches(cfg, params, tokens, mask, batch_size=batch_size)
+                  mask: np.ndarray, batch_size: int = 256, place=None) -> np.ndarray:
+    """P(label = 1) of every row (fixed-shape jitted chunks; `place`, a Trainer: params on its
+    mesh, each chunk split over it, the scores gathered on every process)."""
+    z = score_batches(cfg, params, tokens, mask, batch_size=batch_size, place=place)
     return 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
 
 
@@ -169,75 +172,13 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# PGR and its confidence interval over seeds.
+# PGR of one trial (its statistics over seeds: experiments/w2s_stats.py).
 
 
 def pgr(acc_weak: float, acc_w2s: float, acc_ceiling: float) -> float:
     """Performance gap recovered: (acc_w2s - acc_weak) / (acc_ceiling - acc_weak)."""
     gap = acc_ceiling - acc_weak
     return float("nan") if gap == 0 else (acc_w2s - acc_weak) / gap
-
-
-def student_t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with `df` degrees of freedom (numpy only: the density is
-    integrated with Simpson's rule and the CDF inverted by bisection; error < 1e-6)."""
-    if not 0.5 <= p < 1 or df < 1:
-        raise ValueError(f"student_t_quantile needs 0.5 <= p < 1 and df >= 1, got {p}, {df}")
-    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x: float) -> float:  # P(T <= x) for x >= 0, via t = tan(u) to keep the range finite
-        u = np.linspace(0.0, math.atan(x), 4001)
-        t = np.tan(u)
-        f = np.exp(logc - (df + 1) / 2 * np.log1p(t * t / df)) / np.cos(u) ** 2
-        h = u[1] - u[0]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, hi * 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def pgr_ci(acc_weak: Sequence[float], acc_w2s: Sequence[float], acc_ceiling: Sequence[float],
-           level: float = 0.95) -> dict[str, Any]:
-    """PGR over seeds (paired: one weak, w2s and ceiling accuracy per seed) with a CI.
-
-    The estimate is the ratio of the mean gains, R = mean(w2s - weak) / mean(ceiling - weak)
-    (stable when one seed's gap is small, unlike the mean of per-seed ratios). Its CI is the
-    delta-method (linearised ratio estimator) interval R +- t_{n-1} * se, with
-    se = std(d, ddof=1) / sqrt(n) / |mean(ceiling - weak)| and d_i = gain_i - R * gap_i, using
-    Student's t with n - 1 degrees of freedom. Needs n >= 2 seeds for an interval.
-    """
-    w, s, c = (np.asarray(x, np.float64) for x in (acc_weak, acc_w2s, acc_ceiling))
-    if not (w.shape == s.shape == c.shape) or w.ndim != 1 or w.size == 0:
-        raise ValueError(f"pgr_ci: need three equal-length 1-D sequences, got shapes "
-                         f"{w.shape}, {s.shape}, {c.shape}")
-    n = w.size
-    gain, gap = s - w, c - w
-    mean_gap = float(gap.mean())
-    out: dict[str, Any] = {
-        "n": n, "level": level, "per_seed": [pgr(*t) for t in zip(w, s, c)],
-        "mean_gap": mean_gap, "mean_gain": float(gain.mean()),
-        "method": "ratio of mean gains; delta-method CI with Student t (n - 1 df)"}
-    if mean_gap == 0:
-        out.update(pgr=float("nan"), lo=float("nan"), hi=float("nan"), se=float("nan"),
-                   gap_resolved=False)
-        return out
-    r = float(gain.mean() / mean_gap)
-    out["pgr"] = r
-    if n < 2:
-        out.update(lo=float("nan"), hi=float("nan"), se=float("nan"))
-        return out
-    se = float(np.std(gain - r * gap, ddof=1) / math.sqrt(n) / abs(mean_gap))
-    t = student_t_quantile(0.5 + level / 2, n - 1)
-    out.update(se=se, lo=r - t * se, hi=r + t * se, t=t)
-    # A gap within noise makes the ratio meaningless: say so rather than print a wild number.
-    gap_se = float(np.std(gap, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    out["gap_resolved"] = bool(mean_gap > 2 * gap_se) if n > 1 else None
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,162 +212,117 @@ class StepFraction:
         self.given = int(state["given"])
 
 
-@functools.lru_cache(maxsize=16)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-@functools.lru_cache(maxsize=8)
-def _world_tokenizer_dir(seed: int) -> str:
-    from rlhf_jax.sim.tokenizer import world_tokenizer
-
-    return str(world_tokenizer(seed)[1])
-
-
 def resolve_model(spec: str, *, seed: int, world_seed: int = 0, where: str = "config.weak"):
-    """A model spec -> (ModelConfig, host params (trunk), tokenizer dir).
-
-    `zoo:<preset>` (the world's cached base model, through `handoff`'s scheme registry),
-    `hf:<dir>`, a finished stage's work dir, or `scratch:<preset>` (fresh random weights of a
-    `models.PRESETS` size with the world's tokenizer: a baseline with no pretraining, and tiny
-    tests).
-    """
-    from rlhf_jax.handoff import resolve_init
-
+    """A model spec -> (ModelConfig, host params (trunk), tokenizer dir), through `handoff`:
+    `zoo:<preset>`, `hf:<dir>`, a finished stage's work dir, or `scratch:<preset>` (fresh
+    random weights with the world's tokenizer: a baseline with no pretraining, and tiny tests).
+    The params are host arrays that `Trainer.create_state` places on the mesh."""
     if not spec:
         raise UserError(where, "is empty", "give zoo:<preset>, hf:<dir>, scratch:<preset> or a "
                         "finished stage's work dir")
-    if spec.startswith("scratch:"):
-        name = spec[len("scratch:"):]
-        if name not in models.PRESETS:
-            raise UserError(where, f"unknown preset {name!r}",
-                            f"choose from {sorted(models.PRESETS)}")
-        tok_dir = _world_tokenizer_dir(world_seed)
-        cfg = models.preset(name, vocab_size=len(_tokenizer(tok_dir)))
-        params = jax.device_get(_init_fn(cfg)(rng.key(seed, rng.Purpose.INIT)))
-        return cfg, params, tok_dir
-    loaded = resolve_init(spec, field=where)
-    tok_dir = loaded.tokenizer_dir or _world_tokenizer_dir(world_seed)
-    return loaded.cfg, loaded.params, str(tok_dir)
+    source = {"kind": "sim", "seed": int(world_seed)}  # its tokenizer, when the model has none
+    loaded = handoff.resolve_init(spec, field=where, seed=seed, source=source)
+    _, tok_dir = handoff.tokenizer_for("", loaded.meta, source, field=where)
+    return loaded.cfg, loaded.params, tok_dir
 
 
-@contextlib.contextmanager
-def _run_lock(workdir: Path):
-    """Hold an exclusive lock on `<workdir>.lock` (single-process runs only: the processes of a
-    multi-process run train together and must not wait on each other)."""
-    if jax.process_count() > 1:
-        yield
-        return
-    import fcntl
-
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{workdir}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _finished(workdir: Path, files: Sequence[str]) -> dict | None:
-    """The summary of a finished model run (None when it is not finished)."""
-    path = workdir / "summary.json"
-    if not path.exists() or not all((workdir / f).exists() for f in files):
-        return None
-    summary = json.loads(path.read_text())
-    return summary if "test_accuracy" in summary else None
-
-
-def train_classifier(config, *, workdir: Path, role: str, model: str, train_rows: np.ndarray,
-                     targets: np.ndarray, loss: Mapping, label_rows: np.ndarray | None,
-                     data) -> dict:
+def train_classifier(config, *, workdir: Path, label_rows: np.ndarray | None, **run) -> dict:
     """Fine-tune one classifier in `workdir` (one Trainer run) or reuse a finished one.
 
-    `train_rows` index the task's training split, `targets` are their P(1) labels; `loss` the
-    loss config (kind, alpha, warmup_frac, schedule). Writes `probs_test.npy` and, when
+    `run`: `role`, `model`, `train_rows` (indices into the task's training split), `targets`
+    (their P(1) labels), `loss` (the loss config: kind, alpha, warmup_frac, schedule), `data`
+    (the task's `classification.TaskData`). Writes `probs_test.npy` and, when
     `label_rows` is given, `probs_labels.npy` (its predictions on those rows: the soft labels
     it hands the next model). Returns the run's summary (incl. test_accuracy, seconds).
     """
-    from rlhf_jax import trainer as trainer_lib
-    from rlhf_jax.data.iterators import ArrayIterator
+    files = ["summary.json", "probs_test.npy"] + (["probs_labels.npy"] if label_rows is not None
+                                                   else [])
+    out: dict[str, Any] = {}
 
-    files = ["probs_test.npy"] + (["probs_labels.npy"] if label_rows is not None else [])
-    with _run_lock(workdir):
-        done = _finished(workdir, files)
-        if done is not None:
-            log.info("w2s %s: reusing %s", role, workdir)
-            return {**done, "reused": True}
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        cfg, init, tok_dir = resolve_model(
-            model, seed=int(config.seed), world_seed=int(config.task.world_seed),
-            where=f"config.{role}")
-        cfg = cfg.replace(dropout=0.0)  # the reference trains with dropout off
-        enc = data.encoded(tok_dir)
-        n, bs = len(train_rows), int(config.train.batch_size)
-        steps = max(1, int(float(config.train.epochs) * n) // bs)
-        lr = float(config.optim.lr)
-        if int(config.lr_ref_width) > 0:  # Adam's step per weight is fixed: wider, smaller lr
-            lr *= (int(config.lr_ref_width) / cfg.d_model) ** float(config.lr_width_power)
-        rc = _run_config(config, workdir=workdir, role=role, model=model, steps=steps, loss=loss,
-                         lr=lr)
-        tr = trainer_lib.Trainer(rc, f"w2s_{role}")
-        tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir, init_from=model,
-                           role=role)
-        lk = dict(loss)
-        # naive reads no aux setting: one key for it, so ground-truth runs and naive students
-        # of the same size share a compiled step.
-        loss_key = ((lk["kind"], float(lk["alpha"]), float(lk["warmup_frac"]), lk["schedule"])
-                    if lk["kind"] == "aux" else ("naive", 0.0, 0.0, "reference"))
-        optimizer, step = _optimizer_and_step(
-            cfg, json.dumps(rc.optim.to_dict(), sort_keys=True), steps,
-            int(rc.train.accum_steps), loss_key)
-        state, _ = tr.create_state(classifier_params(cfg, init), models.param_axes(cfg, ("score",)),
-                                   optimizer)
-        arrays = {"tokens": enc["train"]["tokens"][train_rows],
-                  "mask": enc["train"]["mask"][train_rows],
-                  "target": np.asarray(targets, np.float32)}
-        train_iter = StepFraction(ArrayIterator(arrays, bs, seed=int(config.seed)), steps)
-        test, test_y = enc["test"], data.labels("test")
-        ebs = int(config.eval_batch_size)
-        last: dict[str, np.ndarray] = {}
+    def train():
+        out.update(_train_classifier(config, workdir=workdir, label_rows=label_rows, **run))
 
-        def eval_fn(st):
-            params = jax.device_get(st.params)
-            p = predict_probs(cfg, params, test["tokens"], test["mask"], ebs)
-            last["probs_test"] = p
-            ce = -np.mean(test_y * np.log(np.clip(p, 1e-12, 1)) +
-                          (1 - test_y) * np.log(np.clip(1 - p, 1e-12, 1)))
-            return {"test_accuracy": accuracy(p, test_y), "test_loss": float(ce)}
+    # The processes of a multi-process run train together: no lock. Finished = its final
+    # checkpoint and these files (`runcache.finished`).
+    _, reused = runcache.ensure(workdir, train, files=files, mark=False,
+                                locked=jax.process_count() == 1)
+    if reused:
+        log.info("w2s %s: reusing %s", run["role"], workdir)
+        return {**json.loads((workdir / "summary.json").read_text()), "reused": True}
+    return {**out, "reused": False}
 
-        t_train = time.perf_counter()
-        state = tr.fit(state, step, train_iter, eval_fn=eval_fn)
-        train_seconds = time.perf_counter() - t_train
-        params = jax.device_get(state.params)
-        extra: dict[str, Any] = {"role": role, "model": model, "workdir": str(workdir),
-                                 "loss": lk, "steps": steps, "lr": lr,
-                                 "train_rows": n, "params": models.param_count(params),
-                                 "test_accuracy": tr.summary["eval"]["test_accuracy"],
-                                 "test_loss": tr.summary["eval"]["test_loss"],
-                                 "encode": enc["stats"]}
+
+def _train_classifier(config, *, workdir: Path, role: str, model: str, train_rows: np.ndarray,
+                      targets: np.ndarray, loss: Mapping, label_rows: np.ndarray | None,
+                      data) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    cfg, init, tok_dir = resolve_model(
+        model, seed=int(config.seed), world_seed=int(config.task.world_seed),
+        where=f"config.{role}")
+    cfg = cfg.replace(dropout=0.0)  # the reference trains with dropout off
+    enc = data.encoded(tok_dir)
+    n, bs = len(train_rows), int(config.train.batch_size)
+    steps = max(1, int(float(config.train.epochs) * n) // bs)
+    lr = float(config.optim.lr)
+    if int(config.lr_ref_width) > 0:  # Adam's step per weight is fixed: wider, smaller lr
+        lr *= (int(config.lr_ref_width) / cfg.d_model) ** float(config.lr_width_power)
+    rc = _run_config(config, workdir=workdir, role=role, model=model, steps=steps, loss=loss,
+                     lr=lr)
+    tr = trainer_lib.Trainer(rc, f"w2s_{role}")
+    tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir, init_from=model,
+                       role=role)
+    lk = dict(loss)
+    # naive reads no aux setting: one key for it, so ground-truth runs and naive students
+    # of the same size share a compiled step.
+    loss_key = ((lk["kind"], float(lk["alpha"]), float(lk["warmup_frac"]), lk["schedule"])
+                if lk["kind"] == "aux" else ("naive", 0.0, 0.0, "reference"))
+    optimizer, step = _optimizer_and_step(
+        cfg, json.dumps(rc.optim.to_dict(), sort_keys=True), steps,
+        int(rc.train.accum_steps), loss_key)
+    state, _ = tr.create_state(classifier_params(cfg, init), models.param_axes(cfg, ("score",)),
+                               optimizer)
+    arrays = {"tokens": enc["train"]["tokens"][train_rows],
+              "mask": enc["train"]["mask"][train_rows],
+              "target": np.asarray(targets, np.float32)}
+    train_iter = StepFraction(ArrayIterator(arrays, bs, seed=int(config.seed)), steps)
+    test, test_y = enc["test"], data.labels("test")
+    ebs = int(config.eval_batch_size)
+    last: dict[str, np.ndarray] = {}
+
+    def eval_fn(st):  # on the placed params, split over the mesh
+        p = predict_probs(cfg, st.params, test["tokens"], test["mask"], ebs, place=tr)
+        last["probs_test"] = p
+        ce = -np.mean(test_y * np.log(np.clip(p, 1e-12, 1)) +
+                      (1 - test_y) * np.log(np.clip(1 - p, 1e-12, 1)))
+        return {"test_accuracy": accuracy(p, test_y), "test_loss": float(ce)}
+
+    t_train = time.perf_counter()
+    state = tr.fit(state, step, train_iter, eval_fn=eval_fn)
+    train_seconds = time.perf_counter() - t_train
+    params = state.params
+    extra: dict[str, Any] = {"role": role, "model": model, "workdir": str(workdir),
+                             "loss": lk, "steps": steps, "lr": lr,
+                             "train_rows": n, "params": models.param_count(params),
+                             "test_accuracy": tr.summary["eval"]["test_accuracy"],
+                             "test_loss": tr.summary["eval"]["test_loss"],
+                             "encode": enc["stats"]}
+    if tr.is_main:
+        np.save(workdir / "probs_test.npy", last["probs_test"])
+    if label_rows is not None:
+        p = predict_probs(cfg, params, enc["train"]["tokens"][label_rows],
+                          enc["train"]["mask"][label_rows], ebs, place=tr)
+        extra["label_accuracy"] = accuracy(p, data.labels("train")[label_rows])
+        extra["label_mean"] = float(p.mean())
         if tr.is_main:
-            np.save(workdir / "probs_test.npy", last["probs_test"])
-        if label_rows is not None:
-            p = predict_probs(cfg, params, enc["train"]["tokens"][label_rows],
-                              enc["train"]["mask"][label_rows], ebs)
-            extra["label_accuracy"] = accuracy(p, data.labels("train")[label_rows])
-            extra["label_mean"] = float(p.mean())
-            if tr.is_main:
-                np.save(workdir / "probs_labels.npy", p)
-        extra["train_seconds"] = round(train_seconds, 2)
-        extra["seconds"] = round(time.perf_counter() - t0, 2)
-        # CPU time of this process (all threads): comparable across machine loads, unlike wall.
-        extra["cpu_seconds"] = round(time.process_time() - cpu0, 2)
-        tr.write_summary(extra)
-        out = dict(tr.summary)
-        tr.close()
-        return {**out, "reused": False}
+            np.save(workdir / "probs_labels.npy", p)
+    extra["train_seconds"] = round(train_seconds, 2)
+    extra["seconds"] = round(time.perf_counter() - t0, 2)
+    # CPU time of this process (all threads): comparable across machine loads, unlike wall.
+    extra["cpu_seconds"] = round(time.process_time() - cpu0, 2)
+    tr.write_summary(extra)
+    out = dict(tr.summary)
+    tr.close()
+    return out
 
 
 @functools.lru_cache(maxsize=32)
@@ -435,10 +331,6 @@ def _optimizer_and_step(cfg: models.ModelConfig, optim_json: str, steps: int, ac
     """The optimizer and train step of one kind of run, built once per process: the same
     function objects let JAX reuse the compiled step in every later run of the same shapes and
     settings (a trial's ceiling and naive student; the seeds of a sweep run in one process)."""
-    import ml_collections
-
-    from rlhf_jax import trainer as trainer_lib
-
     kind, alpha, warmup_frac, schedule = loss
     optimizer = make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), steps)
 
@@ -451,22 +343,12 @@ def _optimizer_and_step(cfg: models.ModelConfig, optim_json: str, steps: int, ac
     return optimizer, trainer_lib.make_train_step(loss_fn, optimizer, accum_steps)
 
 
-@functools.lru_cache(maxsize=8)
-def _init_fn(cfg: models.ModelConfig):
-    """Jitted fresh LM params of `cfg` (one compile per size)."""
-    return jax.jit(lambda k: models.init_params(cfg, k, ("lm",)))
-
-
 _KEY_SKIP = ("workdir", "mesh", "distributed", "sharding_rules")
 
 
 def _run_config(config, *, workdir: Path, role: str, model: str, steps: int, loss: Mapping,
                 lr: float):
     """The config of one model run: the shared training fields + what this run is."""
-    import ml_collections
-
-    from rlhf_jax import config_utils
-
     c = config_utils.base_config()
     c.workdir = str(workdir)
     c.seed = int(config.seed)
@@ -496,83 +378,7 @@ def run_key(*parts: Any) -> str:
             return {k: clean(v) for k, v in x.items() if k not in _KEY_SKIP}
         return x
 
-    blob = json.dumps([clean(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-# ----------------------------------------------------------------------------------------------
-# The task's data, encoded once per tokenizer.
-
-
-@functools.lru_cache(maxsize=8)
-def _task_rows(task_json: str, eos: str) -> dict:
-    from rlhf_jax.data.classification import load_task
-
-    return load_task(json.loads(task_json)["task"], eos)
-
-
-@functools.lru_cache(maxsize=16)
-def _task_encoded(task_json: str, eos: str, tok_dir: str) -> dict:
-    from rlhf_jax.data.classification import encode
-
-    raw = _task_rows(task_json, eos)
-    max_len = int(json.loads(task_json)["task"]["max_len"])
-    out: dict[str, Any] = {"stats": {}}
-    for split in ("train", "test"):
-        out[split], out["stats"][split] = encode(_tokenizer(tok_dir), raw[split][0], max_len)
-    return out
-
-
-class TaskData:
-    """The task's rows, the A/B halves of the training split, and encodings per tokenizer.
-
-    Rows and encodings are cached per process (keyed by the task config, the files' size and
-    mtime for JSONL, and the tokenizer), so trials run in one process share them.
-    """
-
-    def __init__(self, config):
-        self.kind = config.task.kind
-        self.key = json.dumps({"task": config.task.to_dict(), "files": self._files(config)},
-                              sort_keys=True)
-        first = self._load("<eos>")
-        n = len(first["train"][0])
-        if n < 4:
-            raise UserError("config.task", f"the training split has {n} rows",
-                            "give at least 4 (two per half)")
-        # The halves depend on the number of rows only, so every tokenizer sees the same split.
-        perm = np.random.default_rng([int(config.seed), 1]).permutation(n)
-        self.half_a, self.half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
-        self.stats = first["stats"]
-
-    @staticmethod
-    def _files(config) -> dict:
-        import os
-
-        if config.task.kind != "jsonl":
-            return {}
-        out = {}
-        for split in ("train", "test"):
-            path = config.task[split]
-            if path and os.path.isfile(path):  # a missing file is reported by the loader
-                out[split] = [os.path.abspath(path), os.path.getsize(path),
-                              os.path.getmtime(path)]
-        return out
-
-    def _eos(self, eos: str) -> str:
-        # Only the preference task renders the EOS token into its text.
-        return eos if self.kind == "preference" else ""
-
-    def _load(self, eos: str) -> dict:
-        return _task_rows(self.key, self._eos(eos))
-
-    def labels(self, split: str) -> np.ndarray:
-        return self._load("<eos>")[split][1]
-
-    def encoded(self, tok_dir: str) -> dict:
-        return _task_encoded(self.key, self._eos(_tokenizer(tok_dir).eos_token), tok_dir)
-
-    def fingerprint(self) -> str:
-        return self.key
+    return runcache.digest([clean(p) for p in parts], digits=10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,8 +387,6 @@ class TaskData:
 
 def validate(config) -> None:
     """Check the w2s fields before anything trains; errors name the field."""
-    from rlhf_jax.data.classification import WORLD_TASKS
-
     lc = config.loss
     if lc.kind not in LOSSES:
         raise UserError("config.loss.kind", f"{lc.kind!r} is not a loss", f"choose one of {LOSSES}")
@@ -598,9 +402,9 @@ def validate(config) -> None:
         raise UserError("config.train.accum_steps", "must be 1 for loss.kind='aux'",
                         "the hardening threshold is a quantile over the whole batch")
     kind = config.task.kind
-    if kind not in WORLD_TASKS + ("jsonl",):
+    if kind not in classification.WORLD_TASKS + ("jsonl",):
         raise UserError("config.task.kind", f"{kind!r} is not a task",
-                        f"choose one of {WORLD_TASKS + ('jsonl',)}")
+                        f"choose one of {classification.WORLD_TASKS + ('jsonl',)}")
     if int(config.lr_ref_width) < 0:
         raise UserError("config.lr_ref_width", f"{config.lr_ref_width} must be >= 0",
                         "0 trains every size at optim.lr")
@@ -623,7 +427,7 @@ def run(config) -> dict:
         if done.get("trial_key") == trial_key:
             log.info("w2s: trial %s is finished; reusing its summary", root)
             return {**done, "trial_reused": True}
-    data = TaskData(config)
+    data = classification.TaskData(config)
     seed = int(config.seed)
     shared = Path(config.shared_dir) / run_key(data.fingerprint()) / f"seed{seed}"
     gt = {"kind": "naive", "alpha": 0.0, "warmup_frac": 0.0, "schedule": "reference"}
@@ -697,23 +501,7 @@ def _safe(spec: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in spec)[-40:]
 
 
-def main(config) -> dict:
-    from rlhf_jax.errors import UserError as _UE
-
-    try:
-        summary = run(config)
-    except _UE as e:
-        import sys
-
-        sys.stderr.write(f"error: {e.line()}\n")
-        raise SystemExit(2) from None
-    keys = ("task", "weak", "strong", "medium", "loss", "seed", "acc_weak", "acc_w2s",
-            "acc_ceiling", "pgr", "student_supervisor_agreement", "seconds")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
-    return summary
-
-
 if __name__ == "__main__":
-    from rlhf_jax import config_utils
-
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("task", "weak", "strong", "medium", "loss", "seed", "acc_weak",
+                                 "acc_w2s", "acc_ceiling", "pgr", "student_supervisor_agreement",
+                                 "seconds"))

@@ -2,8 +2,9 @@
 
 `init_from="zoo:sim-0.4m"` in any stage resolves here (through the `rlhf_jax.init_schemes` entry
 point that `handoff` reads; see setup.cfg): the work dir of a finished pretraining run of that
-preset, trained first if the cache has none for this exact config. The cache key hashes the whole
-resolved config (minus the work dir) and the world's fingerprint, so a change to either retrains
+preset, trained first if the cache has none for this exact config (`rlhf_jax.runcache`). The cache
+key hashes the resolved config (minus the work dir and the fields that cannot change the trained
+parameters: evaluation and cadence) and the world's fingerprint, so a change to either retrains
 instead of silently reusing a stale model.
 
 This module trains a model (it runs `sft.run`), so it sits above the methods; the methods reach
@@ -13,11 +14,12 @@ it only through the scheme registry, never by import.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
-from rlhf_jax import checkpoint, config_utils, provenance, sft
+import ml_collections
+
+from rlhf_jax import config_utils, runcache, sft
 from rlhf_jax.errors import UserError
 from rlhf_jax.paths import cache_dir
 
@@ -27,6 +29,42 @@ log = logging.getLogger(__name__)
 PRETRAIN_STEPS = {"sim-0.1m": 600, "sim-0.4m": 800, "sim-1.6m": 1200, "sim-4m": 1600}
 
 
+def stage_config(objective: str, model: str, smoke: bool,
+                 world: str = "") -> ml_collections.ConfigDict:
+    """Config of an LM-loss stage (pretraining or SFT) on the simulated world (unlocked);
+    `world` names its variant ("" = the default world)."""
+    c = config_utils.base_config()
+    c.objective = objective  # "pretrain": every token a target; "sft": response tokens only
+    c.tokenizer = ""  # "" = from init_from's metadata, else the simulated world's tokenizer
+    # Used only when init_from is "" (training from scratch).
+    c.model = ml_collections.ConfigDict(dict(preset=model, dropout=0.0, remat="none",
+                                             scan_layers=True))
+    pretrain = objective == "pretrain"
+    c.data = ml_collections.ConfigDict(dict(
+        source=config_utils.sim_source(
+            seed=0, num_train=200 if smoke else (60_000 if pretrain else 20_000),
+            num_eval=64 if smoke else 512),
+        max_len=64 if pretrain else 32,
+        pack=pretrain,  # packed rows with segment ids: no attention across documents
+    ))
+    c.optim.lr = 3e-3 if pretrain else 5e-4
+    c.optim.warmup_steps = 0 if smoke else 50
+    c.optim.schedule = "cosine"
+    c.optim.end_lr_ratio = 0.1
+    c.optim.weight_decay = 0.01 if pretrain else 0.0
+    c.train.batch_size = 8 if smoke else 64
+    c.train.eval_every = 0 if smoke else 200
+    c.train.eval_batches = 2 if smoke else 8
+    c.train.ckpt_every = 200
+    c.train.log_every = 1 if smoke else 20
+    # Samples of the policy at T = 1 on held-out prompts, judged by the gold (VADER).
+    c.eval = config_utils.policy_eval_config(
+        num_prompts=16 if smoke else 256, temperature=1.0, batch_size=16 if smoke else 128,
+        judges=("vader",), gold="vader")
+    c.data.source.world = world
+    return c
+
+
 def pretrain_config(model: str = "sim-0.4m", *, smoke: bool = False, steps: int | None = None,
                     world: str = ""):
     """The config that defines base model `model` of world variant `world` ("" = the default
@@ -34,7 +72,7 @@ def pretrain_config(model: str = "sim-0.4m", *, smoke: bool = False, steps: int 
     if model not in PRETRAIN_STEPS:
         raise UserError("model", f"{model!r} has no base model in the zoo",
                         f"use one of {sorted(PRETRAIN_STEPS)}")
-    c = sft.stage_config(objective="pretrain", model=model, smoke=smoke, world=world)
+    c = stage_config(objective="pretrain", model=model, smoke=smoke, world=world)
     c.workdir = f"runs/pretrain_{model}" + (f"_{world}" if world else "")
     c.init_from = ""  # from scratch
     c.train.steps = int(steps if steps is not None else (2 if smoke else PRETRAIN_STEPS[model]))
@@ -42,10 +80,17 @@ def pretrain_config(model: str = "sim-0.4m", *, smoke: bool = False, steps: int 
 
 
 def config_key(config) -> str:
-    """Hash of a stage config without its work dir (what makes two runs interchangeable);
-    fields at their `provenance.KEY_NEUTRAL` values are left out, so adding one kept the key."""
-    d = provenance.key_dict(config)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Hash of a base model's config: `runcache.key` without the fields that cannot change
+    the trained parameters (`runcache.PARAMS_ONLY`: the eval block and the logging, eval and
+    checkpoint cadence) and without fields at their `provenance.KEY_NEUTRAL` values."""
+    return runcache.key(config, ignore=runcache.PARAMS_ONLY)
+
+
+def _legacy_key(config, world: str) -> str:
+    """The key base models were cached under before `config_key` left out PARAMS_ONLY (the
+    whole config): a model cached under it is still found."""
+    inner = runcache.digest(runcache.key_dict(config))
+    return hashlib.sha256(f"{inner}-{world}".encode()).hexdigest()[:12]
 
 
 def base_model(preset: str, world: str = "", **overrides) -> Path:
@@ -60,18 +105,28 @@ def base_model(preset: str, world: str = "", **overrides) -> Path:
 
 def ensure_pretrained(config) -> Path:
     """Work dir of a finished pretraining run of `config` (a `pretrain_config` config)."""
+    import jax
+
     from rlhf_jax.sim.world import get_world, world_spec
 
     config = config.copy_and_resolve_references()
     world = get_world(*world_spec(config.data.source)).fingerprint()
-    key = hashlib.sha256(f"{config_key(config)}-{world}".encode()).hexdigest()[:12]
-    workdir = cache_dir() / "zoo" / f"{config.model.preset}-{key}"
-    if not checkpoint.stage_is_complete(workdir):
+    root = cache_dir() / "zoo"
+    key = runcache.key(config, world, ignore=runcache.PARAMS_ONLY)
+    workdir = root / f"{config.model.preset}-{key}"
+    legacy = root / f"{config.model.preset}-{_legacy_key(config, world)}"
+
+    def pretrain():
         log.info("pretraining base model %s into %s", config.model.preset, workdir)
         with config.unlocked():
             config.workdir = str(workdir)
         sft.run(config)
-    return workdir
+
+    # Finished = its final checkpoint (no marker). The processes of a multi-process run
+    # pretrain together: no lock.
+    out, _ = runcache.ensure(workdir, pretrain, legacy=[legacy], mark=False,
+                             locked=jax.process_count() == 1)
+    return out
 
 
 def resolve(name: str) -> str:
@@ -89,4 +144,5 @@ def resolve(name: str) -> str:
     return str(base_model(preset, "" if world == "default" else world))
 
 
-__all__ = ["PRETRAIN_STEPS", "base_model", "ensure_pretrained", "pretrain_config", "resolve"]
+__all__ = ["PRETRAIN_STEPS", "base_model", "ensure_pretrained", "pretrain_config", "resolve",
+           "stage_config"]

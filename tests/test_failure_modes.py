@@ -11,7 +11,7 @@ import pytest
 
 from experiments import failure_modes as FM
 from experiments import lib
-from rlhf_jax import config_utils, evaluation, handoff, models, provenance, rm, zoo
+from rlhf_jax import config_utils, evaluation, handoff, models, provenance, registry, rm, zoo
 from rlhf_jax.data import sources, tokenize
 from rlhf_jax.errors import UserError
 from rlhf_jax.sim import probes as P
@@ -224,7 +224,8 @@ def test_override_flags_reproduce_the_stage_config():
 
     for tiny in ("", "tiny,"):
         c = failure_modes.get_config(f"{tiny}failure=typos")
-        for method, ((file, arg), field) in FM.METHODS.items():
+        for m in FM.methods(failure_modes.get_config("failure=typos")):
+            (file, arg), field, method = FM.stage_file(m), m.block, m.name
             flags = lib.override_flags(c[field], file, arg, init_from="/x/sft", seed=3)
             if method == "ppo":
                 assert "--config.kl.adaptive=false" in flags
@@ -240,7 +241,7 @@ def test_override_flags_reproduce_the_stage_config():
             assert c[field].train.eval_every == c.ppo.train.eval_every
             assert c[field].data.source.world == FM.WORLD
     c = failure_modes.get_config("failure=typos")
-    file, arg = FM.METHODS["ppo"][0]
+    file, arg = FM.stage_file(registry.METHODS["ppo"])
     # Skipped fields stay as the stock config has them.
     skipped = lib.override_flags(c.ppo, file, arg, skip={"kl.beta"})
     assert not any(f.startswith("--config.kl.beta=") for f in skipped)
@@ -333,8 +334,8 @@ def test_failure_config_and_errors():
     from configs import failure_modes
 
     c = failure_modes.get_config("tiny,failure=group")
-    assert FM.failure_names(c) == ["group"] and FM.method_names(c) == ["ppo"]
-    assert FM.method_names(failure_modes.get_config()) == ["ppo", "rloo"]
+    assert FM.failure_names(c) == ["group"] and [m.name for m in FM.methods(c)] == ["ppo"]
+    assert [m.name for m in FM.methods(failure_modes.get_config())] == ["ppo", "rloo"]
     assert FM.failure_names(failure_modes.get_config()) == list(FM.FAILURES)
     with c.unlocked():
         c.failure = "hallucination"
@@ -343,7 +344,11 @@ def test_failure_config_and_errors():
     with c.unlocked():
         c.methods = "ppo,nope"
     with pytest.raises(UserError, match="config.methods"):
-        FM.method_names(c)
+        FM.methods(c)
+    with c.unlocked():
+        c.methods = "ppo,dpo"  # DPO trains against no RM: not a method of this experiment
+    with pytest.raises(UserError, match="config.methods"):
+        FM.methods(c)
 
 
 def test_sweep_labels_name_trials(tmp_path):

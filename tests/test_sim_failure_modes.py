@@ -63,7 +63,7 @@ def test_default_dataset_keys_and_records_unchanged(tmp_path):
 
 
 def test_zoo_key_hashes_the_world_variant(monkeypatch, tmp_path):
-    from rlhf_jax import checkpoint, sft, zoo
+    from rlhf_jax import checkpoint, runcache, sft, zoo
 
     monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path))
     seen = []
@@ -71,8 +71,8 @@ def test_zoo_key_hashes_the_world_variant(monkeypatch, tmp_path):
     monkeypatch.setattr(checkpoint, "stage_is_complete", lambda w: False)
     config = zoo.pretrain_config("sim-0.1m")
     zoo.ensure_pretrained(config)
-    key = hashlib.sha256(f"{zoo.config_key(config)}-7325678ab4e06985".encode()).hexdigest()[:12]
-    assert seen[-1].endswith(f"sim-0.1m-{key}")  # the default world's key is as it was
+    key = runcache.key(config, "7325678ab4e06985", ignore=runcache.PARAMS_ONLY)
+    assert seen[-1].endswith(f"sim-0.1m-{key}")  # the default world's fingerprint is as it was
     zoo.base_model("sim-0.1m", **{"data.source.world": "failure_modes"})
     assert seen[-1] != seen[0]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax import metrics
+from rlhf_jax import metrics, runcache
 from rlhf_jax.errors import UserError
 from rlhf_jax.sweep import cli, define, local
 from rlhf_jax.sweep import chainit, fixed, product, sweep, zipit
@@ -141,7 +141,7 @@ def test_bad_sweeps_are_one_line_user_errors(tmp_path, capsys):
 def test_a_trial_another_runner_holds_is_left_alone(tmp_path):
     trial = define.expand(str(ECHO), None, [{}], workdir=tmp_path, entry=str(ECHO))[0]
     Path(trial.workdir).mkdir(parents=True)
-    with local._trial_lock(Path(trial.workdir)) as mine:
+    with runcache.lock(trial.workdir, wait=False) as mine:
         assert mine
         row = local.run_trial(trial)
     assert row["status"] == "busy" and not (Path(trial.workdir) / "summary.json").exists()

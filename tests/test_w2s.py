@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, w2s
+from experiments import w2s_stats as S
+from rlhf_jax import handoff, models, w2s
 from rlhf_jax.data import classification as C
 from rlhf_jax.errors import UserError
 
@@ -105,6 +106,30 @@ def test_step_fraction_feeds_the_reference_step_frac_and_resumes():
 # ------------------------------------------------------------------------------------------ head
 
 
+def test_scratch_is_an_init_scheme_with_the_sources_tokenizer():
+    a = handoff.resolve_init("scratch:sim-0.1m", seed=3)
+    b = handoff.resolve_init("scratch:sim-0.1m", seed=3)
+    c = handoff.resolve_init("scratch:sim-0.1m", seed=4, source={"kind": "sim", "seed": 0})
+    tok, tok_dir = handoff.tokenizer_for("", a.meta)
+    assert a.cfg.vocab_size == len(tok) and tok_dir == a.meta["tokenizer_dir"]
+    assert a.cfg == models.preset("sim-0.1m", vocab_size=len(tok))
+    leaves = [jax.tree.leaves(x.params) for x in (a, b, c)]
+    assert all(isinstance(x, np.ndarray) for x in leaves[0])  # host arrays without shardings
+    assert all(np.array_equal(x, y) for x, y in zip(leaves[0], leaves[1]))
+    assert not all(np.array_equal(x, y) for x, y in zip(leaves[0], leaves[2]))
+    with pytest.raises(UserError, match="unknown preset"):
+        handoff.resolve_init("scratch:nope")
+    with pytest.raises(UserError, match="has none"):
+        handoff.resolve_init("scratch:sim-0.1m", source={"kind": "jsonl", "train": "x"})
+
+
+def test_w2s_evaluates_on_placed_params():
+    """No `jax.device_get` of a (global) params tree: scores run on the mesh (many hosts)."""
+    import inspect
+
+    assert "device_get" not in inspect.getsource(w2s)
+
+
 def test_zero_initialised_head_predicts_one_half():
     cfg = models.ModelConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                              max_len=16)
@@ -134,23 +159,23 @@ def test_pgr_on_hand_numbers():
 
 def test_student_t_quantiles_match_the_table():
     for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)):
-        assert w2s.student_t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
-    assert w2s.student_t_quantile(0.95, 5) == pytest.approx(2.015, abs=1e-3)
+        assert S.student_t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    assert S.student_t_quantile(0.95, 5) == pytest.approx(2.015, abs=1e-3)
 
 
 def test_pgr_ci_on_hand_numbers():
     # gaps 0.2 each, gains [0.1, 0.12, 0.08] -> R = 0.5; d = gain - R * gap = [0, .02, -.02],
     # std(d, ddof=1) = 0.02, se = 0.02 / sqrt(3) / 0.2 = 0.057735; t(0.975, 2) = 4.3027.
-    out = w2s.pgr_ci([0.6, 0.6, 0.6], [0.7, 0.72, 0.68], [0.8, 0.8, 0.8])
+    out = S.pgr_ci([0.6, 0.6, 0.6], [0.7, 0.72, 0.68], [0.8, 0.8, 0.8])
     assert out["pgr"] == pytest.approx(0.5)
     assert out["se"] == pytest.approx(0.057735, rel=1e-4)
     assert out["lo"] == pytest.approx(0.5 - 4.3027 * 0.057735, abs=1e-3)
     assert out["hi"] == pytest.approx(0.5 + 4.3027 * 0.057735, abs=1e-3)
     assert out["per_seed"] == pytest.approx([0.5, 0.6, 0.4]) and out["gap_resolved"]
     # Ratio of means, not mean of ratios: a seed with a tiny gap does not dominate.
-    skew = w2s.pgr_ci([0.6, 0.6], [0.61, 0.7], [0.61, 0.8])
+    skew = S.pgr_ci([0.6, 0.6], [0.61, 0.7], [0.61, 0.8])
     assert skew["pgr"] == pytest.approx((0.005 + 0.05) / (0.005 + 0.1))
-    assert math.isnan(w2s.pgr_ci([0.6], [0.7], [0.8])["lo"])
+    assert math.isnan(S.pgr_ci([0.6], [0.7], [0.8])["lo"])
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -228,9 +253,11 @@ def test_sweep_lists_every_pair_loss_and_seed_and_each_override_applies():
     assert not any("workdir" in t for t in sweep)
     from experiments import weak_to_strong
 
-    dirs = {t.overrides["workdir"] for t in weak_to_strong.make_trials(
-        "configs/w2s_sim.py", "seeds=3", {})}
-    assert len(dirs) == len(sweep)
+    ts = weak_to_strong.trials("configs/w2s_sim.py", "seeds=3", ["--config.train.epochs=3.0"],
+                               Path("runs/x"))
+    assert len({t.workdir for t in ts}) == len(sweep) and {t.entry for t in ts} == {"rlhf_jax.w2s"}
+    assert all("--config.train.epochs=3.0" in t.args for t in ts)  # the command line's flags
+    assert Path(ts[0].workdir).name.startswith("scratch-sim-0.1m_to_scratch-sim-0.1m-naive-seed0-")
     # The tiny preset trains scratch models (no zoo pretraining) and leaves out weak == strong.
     tiny = w2s_sim.get_sweep("tiny")
     assert len(tiny) == 2 * 2 and all(t["weak"] == "scratch:sim-0.1m" for t in tiny)
@@ -341,11 +368,16 @@ def test_experiment_writes_csv_json_png_and_verdicts(tiny_trials, tmp_path):
     gap = naive["acc_ceiling"] - naive["acc_weak"]
     if gap:
         assert diff["pgr"] == pytest.approx((aux["acc_w2s"] - naive["acc_w2s"]) / gap)
-    E.write_csv(runs, tmp_path / "t.csv")
+    from experiments import lib
+
+    lib.write_points([E.trial_row(s) for s in runs], tmp_path / "t.csv")
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 5
     assert E.plot(result, tmp_path / "a.png", "tiny").stat().st_size > 1000
     text = E.report(result, runs, 1.0)
-    assert "verdicts" in text and "scratch:sim-0.1m -> scratch:sim-0.4m" in text
+    assert "scratch:sim-0.1m -> scratch:sim-0.4m" in text
+    claims = [v["claim"] for v in result["verdicts"]]
+    assert claims == [E.NAIVE_CLAIM, E.AUX_CLAIM]
+    assert "scratch:sim-0.1m -> scratch:sim-0.4m" in result["verdicts"][0]["evidence"]
     assert "NaN" not in json.dumps(E._jsonable(result))
 
 

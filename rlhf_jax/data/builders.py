@@ -289,34 +289,12 @@ def _builder_classes() -> dict[str, type]:
         }
 
         def _split_generators(self, dl_manager):
-            p = self._params
-            data = {s: _simulate_comparisons(p, s) for s in self._splits()}
-            from rlhf_jax.sim import annotators
+            from rlhf_jax.sim import labelling
 
-            ref = data["train"]["gold"] if "train" in data else next(iter(data.values()))["gold"]
-            tau = annotators.calibrate_tau(ref, p["target_agreement"], p["flip_prob"],
-                                           seed=p["seed"])
-            self.info.metadata["tau"] = tau
-            if p["pool"] == "default":
-                pool = annotators.default_pool(tau, p["flip_prob"])
-            elif p["pool"] == "unbiased":
-                pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", p["flip_prob"]),))
-            else:
-                raise UserError("config.data.source.pool", f"{p['pool']!r} must be 'default' or "
-                                "'unbiased'")
-            if p.get("length_bias") or p.get("group_bias"):
-                from rlhf_jax.sim.world import GROUP_A, GROUP_B
-
-                pool = annotators.with_biases(pool, p.get("length_bias", 0.0),
-                                              p.get("group_bias", 0.0), (GROUP_A, GROUP_B))
-            for s, d in data.items():
-                rng = np.random.default_rng([p["seed"], 99, SPLITS.index(s)])
-                d["ranks"], d["annotator"] = pool.rank(d["gold"], d["responses"], rng,
-                                                       prompts=d["prompts"])
-                # Hand-improved completions and naive refusal labels: first whatever the gold.
-                d["ranks"] = annotators.force_first(d["ranks"], d["first"])
-                d["bucket"] = np.random.default_rng([p["seed"], 98, SPLITS.index(s)]).integers(
-                    0, p["num_buckets"], len(d["prompts"]))
+            p, w = self._params, _world(self._params)
+            index = {s: SPLITS.index(s) for s in self._splits()}
+            data = {s: labelling.candidates(w, p, s, index[s]) for s in self._splits()}
+            self.info.metadata["tau"] = labelling.label(p, data, index)
             return {s: self._generate_examples(s, d) for s, d in data.items()}
 
         def _generate_examples(self, split, d):
@@ -360,61 +338,6 @@ def _world(p: dict):
     from rlhf_jax.sim.world import get_world
 
     return get_world(p["seed"], p.get("variant", "default"))
-
-
-def _simulate_comparisons(p: dict, split: str) -> dict:
-    from rlhf_jax.sim.judges import get_judge
-
-    w = _world(p)
-    items = w.comparison_candidates(0, p["sizes"][split], p["k"], split)
-    prompts = [it[0] for it in items]
-    responses = [list(it[1]) for it in items]
-    kinds = [list(it[2]) for it in items]
-    first = np.full(len(prompts), -1, np.int64)  # a response ranked first whatever the gold
-    if any(p.get(o, off) != off for o, off in COMPARISON_OPTIONS.items()):
-        _failure_mode_rows(p, split, w, prompts, responses, kinds, first)
-    judge = get_judge(p["judge"])
-    flat = judge.score([pr for pr, rs in zip(prompts, responses) for _ in rs],
-                       [r for rs in responses for r in rs])
-    return {"prompts": prompts, "responses": responses, "kinds": kinds, "first": first,
-            "gold": flat.reshape(len(prompts), p["k"])}
-
-
-def _failure_mode_rows(p, split, w, prompts, responses, kinds, first) -> None:
-    """Rewrite comparison rows in place for the refusal and improved-completion options.
-
-    refusals: each near-harmful row (harmful or boundary prompt) gets the refusal template as
-    one candidate, at a random position. "naive": the refusal is ranked first on every such row
-    (annotators refuse anything near the harmful class). "paired": consecutive near-harmful rows
-    become twins across the boundary (the second row's prompt is `World.twin` of the first's,
-    with fresh candidates), and the annotators rank them on the spec judge's scores.
-    improved_share: that share of the ordinary rows gets one candidate replaced by
-    `World.improved_completion` (typos at improved_typo_rate), ranked first.
-    """
-    from rlhf_jax.sim.world import ORDINARY, REFUSAL, _Rand, prompt_kind
-
-    r = _Rand(np.random.default_rng([p["seed"], 96, SPLITS.index(split)]))
-    k = p["k"]
-    near = [i for i, pr in enumerate(prompts) if prompt_kind(pr) != ORDINARY]
-    if p.get("refusals"):
-        if p["refusals"] == "paired":
-            for a, b in zip(near[0::2], near[1::2]):
-                prompts[b] = w.twin(prompts[a])
-                responses[b], kinds[b] = map(list, w.candidates(prompts[b], k, r))
-        for i in near:
-            j = r.int(0, k - 1)
-            responses[i][j], kinds[i][j] = REFUSAL, "refusal"
-            if p["refusals"] == "naive":
-                first[i] = j
-    share = p.get("improved_share", 0.0)
-    if share:
-        near_set = set(near)
-        for i in range(len(prompts)):
-            if i not in near_set and r.f() < share:
-                j = r.int(0, k - 1)
-                responses[i][j] = w.improved_completion(prompts[i], r,
-                                                        p.get("improved_typo_rate", 0.0))
-                kinds[i][j], first[i] = "improved", j
 
 
 class _DropTfdsChatter(logging.Filter):

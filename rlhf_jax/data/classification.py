@@ -33,6 +33,7 @@ do. Blank lines are not rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -261,3 +262,80 @@ def load_task(task: Mapping[str, Any], eos_token: str) -> dict[str, Any]:
         out[split] = (texts, labels)
         out["stats"][split] = stats
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A task's rows, its A/B halves and encodings, cached per process (rlhf_jax.w2s's data).
+
+
+@functools.lru_cache(maxsize=16)
+def tokenizer(path: str):
+    """The tokenizer in directory `path` (one load per process)."""
+    from rlhf_jax.data.tokenize import load_tokenizer
+
+    return load_tokenizer(path, "the model's tokenizer_dir")
+
+
+@functools.lru_cache(maxsize=8)
+def _task_rows(task_json: str, eos: str) -> dict:
+    return load_task(json.loads(task_json)["task"], eos)
+
+
+@functools.lru_cache(maxsize=16)
+def _task_encoded(task_json: str, eos: str, tok_dir: str) -> dict:
+    raw = _task_rows(task_json, eos)
+    max_len = int(json.loads(task_json)["task"]["max_len"])
+    out: dict[str, Any] = {"stats": {}}
+    for split in ("train", "test"):
+        out[split], out["stats"][split] = encode(tokenizer(tok_dir), raw[split][0], max_len)
+    return out
+
+
+class TaskData:
+    """The task's rows, the A/B halves of the training split, and encodings per tokenizer.
+
+    Rows and encodings are cached per process (keyed by the task config, the files' size and
+    mtime for JSONL, and the tokenizer), so trials run in one process share them.
+    """
+
+    def __init__(self, config):
+        self.kind = config.task.kind
+        self.key = json.dumps({"task": config.task.to_dict(), "files": self._files(config)},
+                              sort_keys=True)
+        first = self._load("<eos>")
+        n = len(first["train"][0])
+        if n < 4:
+            raise UserError("config.task", f"the training split has {n} rows",
+                            "give at least 4 (two per half)")
+        # The halves depend on the number of rows only, so every tokenizer sees the same split.
+        perm = np.random.default_rng([int(config.seed), 1]).permutation(n)
+        self.half_a, self.half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+        self.stats = first["stats"]
+
+    @staticmethod
+    def _files(config) -> dict:
+        if config.task.kind != "jsonl":
+            return {}
+        out = {}
+        for split in ("train", "test"):
+            path = config.task[split]
+            if path and os.path.isfile(path):  # a missing file is reported by the loader
+                out[split] = [os.path.abspath(path), os.path.getsize(path),
+                              os.path.getmtime(path)]
+        return out
+
+    def _eos(self, eos: str) -> str:
+        # Only the preference task renders the EOS token into its text.
+        return eos if self.kind == "preference" else ""
+
+    def _load(self, eos: str) -> dict:
+        return _task_rows(self.key, self._eos(eos))
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._load("<eos>")[split][1]
+
+    def encoded(self, tok_dir: str) -> dict:
+        return _task_encoded(self.key, self._eos(tokenizer(tok_dir).eos_token), tok_dir)
+
+    def fingerprint(self) -> str:
+        return self.key

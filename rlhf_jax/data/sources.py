@@ -65,6 +65,11 @@ class DataSource:
         """Preference records (`rlhf_jax.data.preference_formats` layout) and stats."""
         self._unsupported("comparisons")
 
+    def tokenizer(self):
+        """(tokenizer, directory) that comes with the data, or None (real data: the model's
+        own tokenizer is used)."""
+        return None
+
     # The simulated world only --------------------------------------------------------------
     def world(self):
         """The simulated world behind the source (`rlhf_jax.sim.world.World`: probe prompts,
@@ -121,19 +126,13 @@ class SimSource(DataSource):
 
     def pool(self, tau: float):
         """The source's annotator pool at temperature `tau`, with its length / group biases."""
-        from rlhf_jax.sim import annotators
-        from rlhf_jax.sim.world import GROUP_A, GROUP_B
+        from rlhf_jax.sim import labelling
 
-        flip = float(self.spec.get("flip_prob", 0.0))
-        if self.spec.get("pool", "default") == "default":
-            pool = annotators.default_pool(tau, flip)
-        else:
-            pool = annotators.AnnotatorPool((annotators.Annotator(0, tau, "unbiased", flip),))
-        length_bias = float(self.spec.get("length_bias", 0.0))
-        group_bias = float(self.spec.get("group_bias", 0.0))
-        if length_bias or group_bias:
-            pool = annotators.with_biases(pool, length_bias, group_bias, (GROUP_A, GROUP_B))
-        return pool
+        sp = self.spec
+        return labelling.annotator_pool(
+            tau, sp.get("pool", "default"), float(sp.get("flip_prob", 0.0)),
+            float(sp.get("length_bias", 0.0)), float(sp.get("group_bias", 0.0)),
+            f"{self.field}.pool")
 
     def label(self, prompts, responses, seed: int):
         from rlhf_jax.sim import annotators
@@ -159,6 +158,14 @@ class SimSource(DataSource):
         from rlhf_jax.sim.world import get_world, world_spec
 
         return get_world(*world_spec(self.spec))
+
+    def tokenizer(self):
+        """The world's own tokenizer (its variant's vocabulary)."""
+        from rlhf_jax.sim.tokenizer import world_tokenizer
+        from rlhf_jax.sim.world import world_spec
+
+        seed, variant = world_spec(self.spec)
+        return world_tokenizer(seed, variant=variant)
 
     def fresh_pairs(self, n: int):
         items = self.world().comparison_candidates(0, n, 2, "test")

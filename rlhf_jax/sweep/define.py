@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import itertools
-import json
 import math
 import re
 import sys
@@ -39,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax import config_utils, provenance
+from rlhf_jax import config_utils, runcache
 from rlhf_jax.errors import UserError
 
 Sweep = list[dict[str, Any]]
@@ -279,10 +278,9 @@ def resolve(config_file: str, arg: str | None, base_args: Sequence[str] = (),
 
 def config_key(config, entry: str) -> str:
     """12 hex digits of sha256 over the program and the resolved config minus `workdir` (and
-    minus fields at their `provenance.KEY_NEUTRAL` values)."""
-    d = provenance.key_dict(config_utils.config_to_dict(config))
-    blob = json.dumps({"entry": entry, "config": d}, sort_keys=True, default=repr)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    minus fields at their `provenance.KEY_NEUTRAL` values): `runcache.key_dict` / `digest`."""
+    return runcache.digest({"entry": entry,
+                            "config": runcache.key_dict(config_utils.config_to_dict(config))})
 
 
 def _slug(overrides: Mapping[str, Any], limit: int = 60, label: str | None = None) -> str:

@@ -40,17 +40,18 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from rlhf_jax import runcache
 from rlhf_jax.errors import UserError
 from rlhf_jax.sweep.define import Trial
 
-MARKER = "sweep_trial.json"
+MARKER = runcache.MARKER
 LOG = "sweep.log"
-LOCK = ".sweep.lock"
 SUMMARY = "summary.json"
 
 # Statuses in the results table.
-DONE, SKIPPED, FAILED, INCOMPLETE, BUSY, UNFINISHED = (
-    "done", "skipped", "failed", "incomplete", "busy", "unfinished")
+DONE = runcache.DONE
+SKIPPED, FAILED, INCOMPLETE, BUSY, UNFINISHED = (
+    "skipped", "failed", "incomplete", "busy", "unfinished")
 OK_STATUSES = (DONE, SKIPPED)
 
 
@@ -204,15 +205,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def finished(trial: Trial) -> dict | None:
-    """The trial's marker if a previous call finished it (same key), else None."""
-    marker = read_json(Path(trial.workdir) / MARKER)
-    if marker is None:
-        return None
-    if marker.get("key") != trial.key:
-        raise UserError(str(Path(trial.workdir) / MARKER),
-                        f"belongs to a trial with key {marker.get('key')!r}, not {trial.key!r}",
-                        "move that directory away or pick another --workdir")
-    return marker if marker.get("status") == DONE else None
+    """The trial's record if a previous call finished it (same key), else None
+    (`runcache.finished`: its marker, or a finished stage's final checkpoint and summary)."""
+    return runcache.finished(trial.workdir, trial.key, files=(SUMMARY,))
 
 
 def _mtime(path: Path) -> int | None:
@@ -254,23 +249,6 @@ def result_row(trial: Trial, status: str, seconds: float | None = None,
         if summary is not None:
             row.update(_flatten(summary, "summary", {}))
     return row
-
-
-@contextlib.contextmanager
-def _trial_lock(workdir: Path):
-    """An exclusive lock on the trial's work dir (yields False when another runner holds it)."""
-    import fcntl
-
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 class _Running:
@@ -319,7 +297,8 @@ def run_trial(trial: Trial, slot: Slot | None = None, *, running: _Running | Non
     marker = finished(trial)
     if marker is not None:
         return result_row(trial, SKIPPED, marker.get("seconds"), marker.get("returncode"), str(log))
-    with _trial_lock(workdir) if mark else contextlib.nullcontext(True) as locked:
+    # The trial's lock (False when another runner holds it).
+    with runcache.lock(workdir, wait=False, enabled=mark) as locked:
         if not locked:
             return result_row(trial, BUSY, log=str(log))
         command = slot.command(trial)
@@ -358,11 +337,8 @@ def run_trial(trial: Trial, slot: Slot | None = None, *, running: _Running | Non
                     "(preempted?); rerun to resume"}.get(status, _exit_text(rc))
             f.write(f"=== {status}: {note} after {seconds:.1f} s\n")
         if status == DONE and mark:
-            write_json(workdir / MARKER, {
-                "name": trial.name, "key": trial.key, "overrides": trial.overrides,
-                "command": command, "status": DONE, "returncode": rc,
-                "seconds": round(seconds, 1),
-                "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+            runcache.mark_done(workdir, trial.key, name=trial.name, overrides=trial.overrides,
+                               command=command, returncode=rc, seconds=round(seconds, 1))
     return result_row(trial, status, seconds, rc, str(log))
 
 
