@@ -30,6 +30,7 @@ from rlhf_jax.trainer import Placement
 # name -> (stage module, its config field, whether it trains against the RM). Best-of-n trains
 # nothing: it is a policy made of the SFT policy and the RM at comparison time.
 METHODS = {"ppo": ("rlhf_jax.ppo", "ppo", True), "dpo": ("rlhf_jax.dpo", "dpo", False),
+           "kto": ("rlhf_jax.kto", "kto", False),
            "rloo": ("rlhf_jax.pg", "rloo", True), "grpo": ("rlhf_jax.pg", "grpo", True),
            "dr_grpo": ("rlhf_jax.pg", "dr_grpo", True), "bon": (None, "bon", True)}
 
@@ -105,7 +106,7 @@ def run_stages(config) -> dict[str, Path]:
         if needs_rm:
             fields["reward_from"] = str(dirs["rm"])
         cfg = _child(config[field], **fields)
-        if name == "dpo":  # DPO learns from exactly the comparisons the RM learned from
+        if name in ("dpo", "kto"):  # they learn from exactly the comparisons the RM learned from
             with cfg.unlocked():
                 cfg.data.source = rm_cfg.data.source
                 cfg.data.candidates = rm_cfg.data.candidates

@@ -14,7 +14,8 @@ stage's one Placement (the data needed the mesh first: policy candidates are sam
 builds the optimizer and state, and fits with one evaluation: the loss's metric sums on the
 held-out rows (padded to whole batches) and, when asked, the policy evaluation (samples, gold,
 KL from the SFT policy) with the SFT policy's own numbers as the baseline. A method supplies
-only its settings, the tree it trains and its axes, its loss, and its rows.
+only its settings, the tree it trains and its axes, its loss, and its rows. `fit` (the loop
+with that one evaluation) is also what SFT trains with.
 
 `pair_logprobs` and `precompute_reference` are the sequence log-probs every method that
 scores K responses per row (`tokens` [N, K, L]) against a frozen reference takes.
@@ -23,6 +24,7 @@ scores K responses per row (`tokens` [N, K, L]) against a frozen reference takes
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -63,13 +65,49 @@ def precompute_reference(cfg, ref_params, arrays: dict, batch_size: int, place) 
 @dataclasses.dataclass
 class HeldOut:
     """The held-out rows a stage evaluates its loss on: padded with weight-0 rows to whole
-    batches of about `batch_size`; at most `max_batches` of them (0 = all); metrics named
-    `<prefix><metric>`."""
+    batches of about `batch_size`; at most `max_batches` of them (0 = all); metrics passed
+    through `derive` and named `<prefix><metric>`."""
 
     arrays: dict
     batch_size: int
     prefix: str = ""
     max_batches: int = 0
+    derive: Callable[[dict], dict] | None = None  # metrics -> metrics (e.g. + perplexity)
+
+
+def fit(tr: trainer_lib.Trainer, cfg: models.ModelConfig, init, axes, loss_fn,
+        train_rows: dict, held_out: HeldOut, *, policy_eval=None, frozen=None,
+        write_final: bool = True):
+    """The training loop of a stage that learns from fixed rows (the offline stages and SFT):
+    optimizer, state from `init` (params or a function making them, logical `axes`), the step
+    of `loss_fn(params, frozen, batch, key) -> (loss, metric sums)`, and one evaluation: the
+    loss's metrics on the held-out rows plus, with a `PolicyEval`, the policy's samples
+    (written to `samples.md`). -> (final state, (policy metrics, per-row results) of the last
+    evaluation or None)."""
+    config = tr.config
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    state, _ = tr.create_state(init, axes, optimizer)
+    step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
+    eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn), frozen)
+    rows, bs = preferences.pad_to_batches(held_out.arrays, held_out.batch_size, tr.batch_shards)
+    last: list = [None]
+
+    def eval_fn(st):
+        it = ArrayIterator(rows, bs, seed=0, shuffle=False)
+        n = min(held_out.max_batches or it.batches_per_epoch, it.batches_per_epoch)
+        m = tr.evaluate(eval_step, st.params, it, n, frozen)
+        m = {held_out.prefix + k: v for k, v in (held_out.derive or dict)(m).items()}
+        if policy_eval is not None:
+            pm, per_row = policy_eval(cfg, st.params, tr.key(Purpose.POLICY_EVAL))
+            policy_eval.write_table(tr.workdir, int(st.step), per_row, pm)
+            last[0] = (pm, per_row)
+            m.update(pm)
+        return m
+
+    train_iter = ArrayIterator(train_rows, config.train.batch_size, seed=config.seed)
+    state = tr.fit(state, step, train_iter, eval_fn=eval_fn, frozen=frozen,
+                   write_final=write_final)
+    return state, last[0]
 
 
 class Stage:
@@ -105,46 +143,24 @@ class Stage:
               data_stats: dict, frozen=None, policy_eval: bool = False,
               write_final: bool = True):
         """Fit `loss_fn(params, frozen, batch, key) -> (loss, metric sums)` over `train_rows`
-        from `init` (a params tree with logical `axes`); returns the final state."""
+        from `init` (a params tree with logical `axes`); returns the final state. With
+        `policy_eval`, every evaluation also samples the policy (`config.eval`), against the SFT
+        policy's own evaluation as the baseline."""
         n_train = len(next(iter(train_rows.values())))
         config = config_utils.with_epoch_steps(self.config, n_train)
         self.tr = tr = trainer_lib.Trainer(config, self.name, place=self.place)
         tr.metadata.update(model_config=self.cfg.to_dict(), tokenizer_dir=self.tok_dir,
                            init_from=str(config.init_from), data_stats=data_stats)
-        optimizer = optim.make_optimizer(config.optim, config.train.steps)
-        state, _ = tr.create_state(init, axes, optimizer)
-        step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
-        eval_fn = self._eval_fn(tr.jit_eval(trainer_lib.make_eval_step(loss_fn), frozen),
-                                held_out, frozen, policy_eval)
-        train_iter = ArrayIterator(train_rows, config.train.batch_size, seed=config.seed)
-        return tr.fit(state, step, train_iter, eval_fn=eval_fn, frozen=frozen,
-                      write_final=write_final)
-
-    def _eval_fn(self, eval_step, held_out: HeldOut, frozen, with_policy: bool):
-        """The one evaluation: held-out loss metrics, plus the policy evaluation."""
-        tr = self.tr
-        rows, bs = preferences.pad_to_batches(held_out.arrays, held_out.batch_size,
-                                              tr.batch_shards)
-        if with_policy:
+        if policy_eval:
             self.policy_eval = evaluation.PolicyEval.from_config(
-                self.config.eval, self.source.prompts("eval"), self.tokenizer,
-                reference=self.policy, place=tr, world=self.source.world())
+                config.eval, self.source.prompts("eval"), self.tokenizer, reference=self.policy,
+                place=tr, world=self.source.world())
             self.sft_result = self.policy_eval(self.cfg, self.policy.params,
                                                tr.key(Purpose.POLICY_EVAL))
-
-        def eval_fn(st):
-            it = ArrayIterator(rows, bs, seed=0, shuffle=False)
-            n = min(held_out.max_batches or it.batches_per_epoch, it.batches_per_epoch)
-            m = {held_out.prefix + k: v
-                 for k, v in tr.evaluate(eval_step, st.params, it, n, frozen).items()}
-            if self.policy_eval is None:
-                return m
-            pm, per_row = self.policy_eval(self.cfg, st.params, tr.key(Purpose.POLICY_EVAL))
-            self.policy_eval.write_table(tr.workdir, int(st.step), per_row, pm)
-            self.last = (pm, per_row)
-            return {**m, **pm}
-
-        return eval_fn
+        state, self.last = fit(tr, self.cfg, init, axes, loss_fn, train_rows, held_out,
+                               policy_eval=self.policy_eval, frozen=frozen,
+                               write_final=write_final)
+        return state
 
     def held_out_metrics(self, prefix: str) -> dict:
         """The final evaluation's held-out loss metrics, without their prefix."""
