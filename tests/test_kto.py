@@ -67,7 +67,7 @@ def test_reference_point_is_clamped_at_zero_and_not_differentiated():
 
 @pytest.mark.parametrize("lam_d,lam_u", [(1.0, 1.0), (1.0, 1.33), (2.0, 0.5)])
 def test_policy_equal_to_reference_gives_lambda_over_two(lam_d, lam_u):
-    """With pi == pi_ref every log-ratio is 0, so z0 = 0 and each loss is lambda (1 - sigmoid(0))."""
+    """pi == pi_ref: every log-ratio is 0, so z0 = 0 and each loss is lambda (1 - sigmoid(0))."""
     cfg = models.ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, d_ff=64,
                              max_len=16)
     params = models.init_params(cfg, jax.random.key(0), ("lm",))
