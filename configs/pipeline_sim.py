@@ -7,8 +7,8 @@ each method vs SFT.
     python -m experiments.pipeline --config.ppo.train.steps=300 --config.rm.loss.kind=pairwise
     python -m experiments.pipeline --config.methods=ppo,dpo,rloo,grpo,bon --config.bon.n=16
 
-Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`, `dpo`, and the
-critic-free `rloo`, `grpo`, `dr_grpo` from configs/pg_sim.py) and takes the same
+Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`, `dpo`, `kto`, and
+the critic-free `rloo`, `grpo`, `dr_grpo` from configs/pg_sim.py) and takes the same
 dotted overrides as when the stage runs alone; the pipeline sets their `workdir`, `init_from`,
 `reward_from` and `seed`. Preset keys: model, tiny.
 """
@@ -16,7 +16,7 @@ dotted overrides as when the stage runs alone; the pipeline sets their `workdir`
 import ml_collections
 
 from rlhf_jax import config_utils
-from configs import dpo_sim, pg_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
+from configs import dpo_sim, kto_sim, pg_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
 
 
 def _unlocked(c):
@@ -43,6 +43,7 @@ def get_config(arg: str | None = None):
     c.rm = _unlocked(rm_sim.get_config())
     c.ppo = _unlocked(ppo_sim.get_config())
     c.dpo = _unlocked(dpo_sim.get_config())  # its data.source is the RM's (experiments.pipeline)
+    c.kto = _unlocked(kto_sim.get_config())  # the same: the RM's comparisons, best / worst
     for name in PG_METHODS:  # critic-free policy gradients (rlhf_jax.pg)
         c[name] = _unlocked(pg_sim.get_config(f"method={name}"))
         # Sampled like PPO: the RM's normalisation holds at these settings.

@@ -25,69 +25,20 @@ policy`), or preference files in the published formats. K-wise rankings become p
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config_utils, evaluation, handoff, models, ops, optim
-from rlhf_jax import trainer as trainer_lib
-from rlhf_jax.data import preferences, sources
-from rlhf_jax.data.iterators import ArrayIterator
+from rlhf_jax import config_utils, models, offline
+from rlhf_jax.data import preferences
 from rlhf_jax.errors import UserError
-from rlhf_jax.rng import Purpose
+from rlhf_jax.offline import pair_logprobs
+from rlhf_jax.pref_losses import LOSSES, dpo_loss
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("on_the_fly", "precompute")
-
-# ----------------------------------------------------------------------------------------------
-# Losses. Sequence log-probs [N, 2] (column 0 chosen, 1 rejected), token counts [N, 2].
-
-
-def dpo_loss(logp: jax.Array, ref_logp: jax.Array, count: jax.Array, *, kind: str = "sigmoid",
-             beta: float = 0.1, label_smoothing: float = 0.0,
-             weight: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss_sum, metric_sums) of a batch of pairs; `metric_sums["count"]` is the pair weight.
-
-    `weight` [N] (0 for padding pairs) defaults to 1. Metric sums: `loss`, `accuracy` (implicit
-    reward of the chosen above the rejected, ties one half), `margin`, `reward_chosen`,
-    `reward_rejected` (β-scaled log-ratios of the summed log-probs), `chosen_logp`,
-    `rejected_logp`.
-    """
-    if kind not in LOSSES:
-        raise UserError("config.dpo.loss", f"{kind!r} is not a DPO loss", f"use one of {LOSSES}")
-    w = jnp.ones(logp.shape[:1], jnp.float32) if weight is None else weight.astype(jnp.float32)
-    ratio = logp - ref_logp  # log π/π_ref per sequence [N, 2]
-    rewards = beta * ratio  # implicit rewards
-    if kind == "ipo":
-        per_token = ratio / jnp.maximum(count, 1.0)
-        h = per_token[:, 0] - per_token[:, 1]
-        losses = jnp.square(h - 1.0 / (2.0 * beta))
-    else:
-        h = ratio[:, 0] - ratio[:, 1]
-        losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
-                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
-    margin = rewards[:, 0] - rewards[:, 1]
-    correct = (margin > 0) + 0.5 * (margin == 0)
-    sums = {"count": w.sum(), "loss": (losses * w).sum(), "accuracy": (correct * w).sum(),
-            "margin": (margin * w).sum(), "reward_chosen": (rewards[:, 0] * w).sum(),
-            "reward_rejected": (rewards[:, 1] * w).sum(), "chosen_logp": (logp[:, 0] * w).sum(),
-            "rejected_logp": (logp[:, 1] * w).sum()}
-    return sums["loss"], sums
-
-
-def pair_logprobs(cfg: models.ModelConfig, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(summed response log-probs [N, 2], response token counts [N, 2]) of a pair batch
-    (`tokens`, `mask`, `response_mask` [N, 2, L]). Any padding gives the same numbers."""
-    N, K, L = batch["tokens"].shape
-    flat = {k: batch[k].reshape(N * K, L) for k in ("tokens", "mask", "response_mask")}
-    logp = ops.sequence_logprobs(cfg, params, flat["tokens"], flat["mask"],
-                                 flat["response_mask"]).sum(-1)
-    count = flat["response_mask"][:, 1:].sum(-1).astype(jnp.float32)
-    return logp.reshape(N, K), count.reshape(N, K)
+__all__ = ["LOSSES", "REFERENCES", "dpo_loss", "pair_logprobs", "run", "validate_config"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,53 +61,30 @@ def validate_config(config) -> None:
         raise UserError("config.train.epochs", f"{config.train.epochs} must be >= 0", "")
 
 
-def load_pairs(config, source, policy, tokenizer, place) -> tuple[dict, dict, dict]:
+def load_pairs(st: offline.Stage) -> tuple[dict, dict, dict]:
     """(arrays per split with `tokens`, `mask`, `response_mask` [N, 2, L] and `weight`, records
-    per split, stats): the comparisons as (chosen, rejected) pairs."""
-    records, stats = preferences.load_comparisons(
-        source, config.data.candidates,
-        evaluation.policy_candidates(config, policy, tokenizer, place))
+    per split, stats): the stage's comparisons as (chosen, rejected) pairs."""
+    records, stats = st.comparisons()
     arrays, pairs = {}, {}
     for split in ("train", "eval"):
-        pairs[split], pst = preferences.to_pairs(records[split], config.data.pairs)
-        enc, est = preferences.encode_records(tokenizer, pairs[split], config.data.max_len,
+        pairs[split], pst = preferences.to_pairs(records[split], st.config.data.pairs)
+        enc, est = preferences.encode_records(st.tokenizer, pairs[split], st.config.data.max_len,
                                               f"{split} pairs")
-        arrays[split] = {k: enc[k] for k in ("tokens", "mask", "response_mask")}
+        arrays[split] = {k: enc[k] for k in offline.SEQ_FIELDS}
         arrays[split]["weight"] = np.ones(len(pairs[split]), np.float32)
         stats[split] = {**stats[split], **pst, **est}
     return arrays, pairs, stats
 
 
-def precompute_reference(cfg, ref_params, arrays: dict, batch_size: int, place) -> dict:
-    """Reference log-probs of every pair, computed once (`dpo.reference="precompute"`)."""
-    fn = jax.jit(lambda p, b: pair_logprobs(cfg, p, b)[0])
-
-    def one(chunk, start):
-        g = place.shard_rows({k: chunk[k] for k in ("tokens", "mask", "response_mask")})
-        return fn(ref_params, g)
-
-    return {**arrays, "ref_logp": ops.batched(one, arrays, batch_size, place.batch_shards)}
-
-
 def run(config) -> dict:
     """(config, SFT checkpoint, comparisons) -> `workdir/final` policy + summary.json."""
     validate_config(config)
-    source = sources.from_config(config.data.source)
-    place = trainer_lib.Placement(config)
-    policy, tokenizer, tok_dir = handoff.load_policy_and_tokenizer(config, place, source.spec)
-    cfg, d = policy.cfg, config.dpo
-    arrays, pairs, data_stats = load_pairs(config, source, policy, tokenizer, place)
+    st, d = offline.Stage(config, "dpo"), config.dpo
+    cfg = st.cfg
+    arrays, pairs, data_stats = load_pairs(st)
     if d.reference == "precompute":
-        arrays = {s: precompute_reference(cfg, policy.params, a, config.eval.batch_size, place)
-                  for s, a in arrays.items()}
-    config = config_utils.with_epoch_steps(config, len(pairs["train"]))
-
-    tr = trainer_lib.Trainer(config, "dpo")
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    state, _ = tr.create_state(policy.params, models.param_axes(cfg, ("lm",)), optimizer)
-    frozen = None if d.reference == "precompute" else policy.params
-    tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir,
-                       init_from=str(config.init_from), data_stats=data_stats)
+        arrays = st.precompute_reference(arrays)
+    frozen = None if d.reference == "precompute" else st.policy.params
 
     def loss_fn(params, ref_params, batch, key):
         del key  # dropout is off
@@ -166,37 +94,12 @@ def run(config) -> dict:
         return dpo_loss(logp, ref, count, kind=d.loss, beta=float(d.beta),
                         label_smoothing=float(d.label_smoothing), weight=batch["weight"])
 
-    step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
-    eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn), frozen)
-    train_iter = ArrayIterator(arrays["train"], config.train.batch_size, seed=config.seed)
-    held_out, eval_bs = preferences.pad_to_batches(arrays["eval"], config.eval.batch_size,
-                                                   tr.batch_shards)
-    policy_eval = evaluation.PolicyEval.from_config(config.eval, source.prompts("eval"),
-                                                    tokenizer, reference=policy, place=tr,
-                                                    world=source.world())
-
-    def eval_fn(st):
-        it = ArrayIterator(held_out, eval_bs, seed=0, shuffle=False)
-        m = {f"pairs/{k}": v for k, v in tr.evaluate(eval_step, st.params, it,
-                                                      it.batches_per_epoch, frozen).items()}
-        pm, rows = policy_eval(cfg, st.params, tr.key(Purpose.POLICY_EVAL))
-        policy_eval.write_table(tr.workdir, int(st.step), rows, pm)
-        last[:] = [(pm, rows)]
-        return {**m, **pm}
-
-    sft = policy_eval(cfg, policy.params, tr.key(Purpose.POLICY_EVAL))
-    last: list = []
-    tr.fit(state, step, train_iter, eval_fn=eval_fn, frozen=frozen)
-    summary: dict[str, Any] = {"sft": sft[0], "dpo": last[0][0] if last else {},
-                               "data": data_stats, "train_pairs": len(pairs["train"])}
-    if policy_eval.gold and last:
-        key = f"gold/{policy_eval.gold}"
-        summary["win_rate_vs_sft"] = evaluation.win_rate(last[0][1][key], sft[1][key])
-    summary["held_out"] = {k[6:]: v for k, v in tr.summary.get("eval", {}).items()
-                           if k.startswith("pairs/")}
-    tr.write_summary(summary)
-    tr.close()
-    return dict(tr.summary)
+    st.train(arrays["train"], st.policy.params, models.param_axes(cfg, ("lm",)), loss_fn,
+             held_out=offline.HeldOut(arrays["eval"], config.eval.batch_size, "pairs/"),
+             data_stats=data_stats, frozen=frozen, policy_eval=True)
+    return st.finish({**st.policy_summary(), "data": data_stats,
+                      "train_pairs": len(pairs["train"]),
+                      "held_out": st.held_out_metrics("pairs/")})
 
 
 if __name__ == "__main__":

@@ -30,10 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config_utils, evaluation, handoff, models, optim, rewards
-from rlhf_jax import trainer as trainer_lib
-from rlhf_jax.data import preferences, sources, tokenize
-from rlhf_jax.data.iterators import ArrayIterator
+from rlhf_jax import config_utils, evaluation, handoff, models, offline, rewards
+from rlhf_jax.data import preferences, tokenize
 from rlhf_jax.errors import UserError
 from rlhf_jax.rng import Purpose
 
@@ -234,98 +232,82 @@ def rm_probes(config, source, rm, tokenizer, place) -> dict:
 # The stage.
 
 
+def encode_comparisons(st: offline.Stage) -> tuple[dict, dict, dict]:
+    """(arrays per split: `tokens`, `mask`, `response_mask` [N, K, L], `rank` [N, K]; records
+    per split; data stats): the stage's comparisons, whole rankings."""
+    records, load_stats = st.comparisons()
+    arrays, info = {}, {"candidates": st.config.data.candidates}
+    for split in ("train", "eval"):
+        arrays[split], enc = preferences.encode_records(
+            st.tokenizer, records[split], st.config.data.max_len, f"{split} comparisons")
+        info[split] = {**load_stats[split], **enc, "comparisons": len(records[split])}
+    return arrays, records, info
+
+
+def held_out_summary(st: offline.Stage, rm: handoff.Loaded, eval_arrays: dict,
+                     eval_records: list) -> dict:
+    """Held-out accuracy (raw and normalised scores rank alike), its gold ceiling, the
+    per-annotator / per-bucket breakdowns and calibration, the judges' agreement on fresh pairs
+    and the counterfactual probes."""
+    config, tr = st.config, st.tr
+    raw = rewards.score_batches(rm.cfg, rm.params, eval_arrays["tokens"], eval_arrays["mask"],
+                                batch_size=config.eval.batch_size, place=tr)
+    norm = rm.reward_norm
+    held = evaluation.PreferenceEval.from_records(
+        eval_records, eval_arrays["rank"], annotator_names=st.source.annotator_names(),
+        gap_edges=tuple(config.eval.gap_edges))(raw * norm["gain"] + norm["bias"], raw=raw)
+    out: dict[str, Any] = {
+        "held_out_accuracy": held["accuracy"],
+        "gold_ceiling_accuracy": held.get("gold_ceiling_accuracy"),
+        "held_out_pairs": held["pairs"], "per_annotator": held.get("per_annotator", {}),
+        "per_bucket": held.get("per_bucket", {}), "calibration": held["calibration"],
+        "reward_norm": norm, "loss_kind": config.loss.kind}
+    if out["gold_ceiling_accuracy"] is not None:
+        out["gap_to_ceiling"] = out["gold_ceiling_accuracy"] - out["held_out_accuracy"]
+    agreement = judge_agreement(config, st.source, st.policy, rm, st.tokenizer,
+                                tr.key(Purpose.RM_EVAL), tr)
+    if "fresh_reference_rewards" in agreement:
+        out["fresh_reference_rewards"] = agreement.pop("fresh_reference_rewards")
+    out["judge_agreement"] = agreement
+    return {**out, **rm_probes(config, st.source, rm, st.tokenizer, tr)}
+
+
 def run(config) -> dict:
     """(config, SFT checkpoint, comparisons) -> `workdir/final` RM params + summary.json."""
     t_start = time.perf_counter()
     validate_config(config)
-    source = sources.from_config(config.data.source)
     # The SFT policy: its trunk starts the RM; it is also the reference policy whose samples
     # fit the normalisation (and are labelled for candidates=policy).
-    place = trainer_lib.Placement(config)
-    policy, tokenizer, tok_dir = handoff.load_policy_and_tokenizer(config, place, source.spec)
-    cfg = policy.cfg
-
-    records, load_stats = preferences.load_comparisons(
-        source, config.data.candidates,
-        evaluation.policy_candidates(config, policy, tokenizer, place))
-    train_arrays, train_enc = preferences.encode_records(tokenizer, records["train"],
-                                                         config.data.max_len, "train comparisons")
-    eval_arrays, eval_enc = preferences.encode_records(tokenizer, records["eval"],
-                                                       config.data.max_len, "eval comparisons")
-    data_info = {"candidates": config.data.candidates,
-                 "train": {**load_stats["train"], **train_enc,
-                           "comparisons": len(records["train"])},
-                 "eval": {**load_stats["eval"], **eval_enc, "comparisons": len(records["eval"])}}
-    config = config_utils.with_epoch_steps(config, train_arrays["tokens"].shape[0])
-
-    tr = trainer_lib.Trainer(config, "rm")
-    rm_init = {**models.trunk(policy.params),
-               "score_head": init_score_head(cfg, tr.key(Purpose.INIT))}
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    state, _ = tr.create_state(rm_init, models.param_axes(cfg, ("score",)), optimizer)
-    tr.metadata.update(model_config=cfg.to_dict(), tokenizer_dir=tok_dir,
-                       init_from=str(config.init_from), data_stats=data_info)
-    kind, margin = config.loss.kind, float(config.loss.margin)
+    st = offline.Stage(config, "rm")
+    cfg, kind, margin = st.cfg, config.loss.kind, float(config.loss.margin)
+    arrays, records, data_info = encode_comparisons(st)
+    rows = {s: {k: a[k] for k in ("tokens", "mask", "rank")} for s, a in arrays.items()}
+    rm_init = {**models.trunk(st.policy.params),
+               "score_head": init_score_head(cfg, st.place.key(Purpose.INIT))}
 
     def loss_fn(params, frozen, batch, key):
         del frozen, key  # nothing frozen; dropout is off
         scores = rewards.score_sequences(cfg, params, batch["tokens"], batch["mask"])
         return rm_loss(scores, batch["rank"], kind=kind, margin=margin)
 
-    step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
-    eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn))
-    rm_arrays = {k: train_arrays[k] for k in ("tokens", "mask", "rank")}
-    train_iter = ArrayIterator(rm_arrays, config.train.batch_size, seed=config.seed)
-    padded_eval, eval_bs = preferences.pad_to_batches(
-        {k: eval_arrays[k] for k in ("tokens", "mask", "rank")}, config.train.batch_size,
-        tr.batch_shards)
-
-    def eval_fn(st):
-        it = ArrayIterator(padded_eval, eval_bs, seed=0, shuffle=False)
-        n = min(config.train.eval_batches or it.batches_per_epoch, it.batches_per_epoch)
-        return tr.evaluate(eval_step, st.params, it, num_batches=n)
-
     t_train = time.perf_counter()
-    state = tr.fit(state, step, train_iter, eval_fn=eval_fn, write_final=False)
+    state = st.train(rows["train"], rm_init, models.param_axes(cfg, ("score",)), loss_fn,
+                     held_out=offline.HeldOut(rows["eval"], config.train.batch_size,
+                                              max_batches=config.train.eval_batches),
+                     data_stats=data_info, write_final=False)
     train_seconds = time.perf_counter() - t_train
+    tr = st.tr
     if tr.final_metadata() is None:  # not finished before: fit the normalisation, hand off
         tr.metadata["reward_norm"] = fit_reward_norm(
-            config.norm, source, policy, cfg, state.params, tokenizer, config.data.max_len,
-            tr.key(Purpose.NORM), tr)
+            config.norm, st.source, st.policy, cfg, state.params, st.tokenizer,
+            config.data.max_len, tr.key(Purpose.NORM), tr)
         log.info("reward normalisation: %s", tr.metadata["reward_norm"])
         tr.save_final(state.params)
     rm = handoff.Loaded(cfg, state.params, tr.final_metadata(), str(tr.workdir))
-
-    # Held-out accuracy (raw and normalised scores rank alike), its ceiling and breakdowns.
-    raw_eval = rewards.score_batches(cfg, state.params, eval_arrays["tokens"],
-                                     eval_arrays["mask"], batch_size=config.eval.batch_size,
-                                     place=tr)
-    norm = rm.reward_norm
-    held = evaluation.PreferenceEval.from_records(
-        records["eval"], eval_arrays["rank"], annotator_names=source.annotator_names(),
-        gap_edges=tuple(config.eval.gap_edges))(raw_eval * norm["gain"] + norm["bias"],
-                                                raw=raw_eval)
-    summary: dict[str, Any] = {
-        "held_out_accuracy": held["accuracy"],
-        "gold_ceiling_accuracy": held.get("gold_ceiling_accuracy"),
-        "held_out_pairs": held["pairs"], "per_annotator": held.get("per_annotator", {}),
-        "per_bucket": held.get("per_bucket", {}), "calibration": held["calibration"],
-        "reward_norm": norm, "loss_kind": kind, "data": data_info,
-        "train_comparisons": int(train_arrays["tokens"].shape[0]),
-    }
-    if summary["gold_ceiling_accuracy"] is not None:
-        summary["gap_to_ceiling"] = summary["gold_ceiling_accuracy"] - summary["held_out_accuracy"]
-    agreement = judge_agreement(config, source, policy, rm, tokenizer, tr.key(Purpose.RM_EVAL), tr)
-    if "fresh_reference_rewards" in agreement:
-        summary["fresh_reference_rewards"] = agreement.pop("fresh_reference_rewards")
-    summary["judge_agreement"] = agreement
-    summary.update(rm_probes(config, source, rm, tokenizer, tr))
-    summary["train_seconds"] = round(train_seconds, 1)
-    summary["runtime_seconds"] = round(time.perf_counter() - t_start, 1)
-    tr.write_summary(summary)
-    out = dict(tr.summary)
-    tr.close()
-    return out
+    return st.finish({**held_out_summary(st, rm, arrays["eval"], records["eval"]),
+                      "data": data_info, "train_comparisons": len(records["train"]),
+                      "train_seconds": round(train_seconds, 1),
+                      "runtime_seconds": round(time.perf_counter() - t_start, 1)})
 
 
 if __name__ == "__main__":

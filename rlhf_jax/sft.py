@@ -15,10 +15,9 @@ import logging
 
 import numpy as np
 
-from rlhf_jax import config_utils, handoff, models, optim
+from rlhf_jax import config_utils, handoff, models, offline
 from rlhf_jax import trainer as trainer_lib
 from rlhf_jax.data import sources, tokenize
-from rlhf_jax.data.iterators import ArrayIterator
 from rlhf_jax.evaluation import PolicyEval
 from rlhf_jax.ops import lm_loss_sums
 from rlhf_jax.rng import Purpose
@@ -67,8 +66,6 @@ def run(config) -> dict:
     eval_batch, eval_stats = _encode(config, source, tokenizer, "eval")
     log.info("%s data: train %s, eval %s", config.objective, train_stats, eval_stats)
 
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    state, _ = tr.create_state(init, models.param_axes(cfg, ("lm",)), optimizer)
     # The stage's output is self-contained: its tokenizer travels with it, so a later stage
     # never depends on a cache directory that may have been cleaned.
     tok_dir = tr.workdir / "tokenizer"
@@ -81,28 +78,17 @@ def run(config) -> dict:
         del frozen, rng  # nothing frozen; dropout (off by default) would take the key
         return lm_loss_sums(cfg, params, batch)
 
-    step = trainer_lib.make_train_step(loss_fn, optimizer, config.train.accum_steps)
-    eval_step = tr.jit_eval(trainer_lib.make_eval_step(loss_fn))
-    train_iter = ArrayIterator(train_batch, config.train.batch_size, seed=config.seed)
-    # Sample quality on held-out prompts (the base model is judged on the RL prompts).
+    # Held-out loss on the same fixed batches every eval, and sample quality on held-out
+    # prompts (the base model is judged on the RL prompts).
+    held_out = offline.HeldOut(eval_batch, config.train.batch_size,
+                               max_batches=config.train.eval_batches,
+                               derive=lambda m: {**m, "perplexity": float(np.exp(m["loss"]))})
     policy_eval = None
     if config.eval.num_prompts > 0:
         policy_eval = PolicyEval.from_config(config.eval, source.prompts("eval"), tokenizer,
                                              place=tr, world=source.world())
-
-    def eval_fn(st):
-        # Fixed-shape batches (one compile); the held-out set is the same every eval.
-        it = ArrayIterator(eval_batch, config.train.batch_size, seed=0, shuffle=False)
-        m = tr.evaluate(eval_step, st.params, it,
-                        num_batches=min(config.train.eval_batches, it.batches_per_epoch))
-        m["perplexity"] = float(np.exp(m["loss"]))
-        if policy_eval is not None:
-            metrics, rows = policy_eval(cfg, st.params, tr.key(Purpose.POLICY_EVAL))
-            policy_eval.write_table(tr.workdir, int(st.step), rows, metrics)
-            m.update({k: v for k, v in metrics.items() if k != "gold_sem"})
-        return m
-
-    tr.fit(state, step, train_iter, eval_fn=eval_fn)
+    offline.fit(tr, cfg, init, models.param_axes(cfg, ("lm",)), loss_fn, train_batch, held_out,
+                policy_eval=policy_eval)
     final = tr.summary.get("eval", {})
     # The numbers the next stages are compared against, at the top level of summary.json.
     tr.write_summary({k: final[k] for k in ("loss", "perplexity", "gold", "eos_rate",

@@ -207,10 +207,17 @@ class Placement:
     `Trainer` is one.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, like: "Placement | None" = None):
+        """`like`: an existing Placement of the same run whose mesh and rules this one shares
+        (a stage that placed its data before its config was final builds one mesh, not two)."""
         self.config = config
-        sharding.maybe_initialize_distributed(config)
-        self.mesh = sharding.make_mesh(config.mesh)
+        if like is None:
+            sharding.maybe_initialize_distributed(config)
+            self.mesh = sharding.make_mesh(config.mesh)
+        else:
+            if like.config.mesh.to_dict() != config.mesh.to_dict():
+                raise ValueError("Placement(like=...): the configs' meshes differ")
+            self.mesh = like.mesh
         self.rules = sharding.rules_from_config(config)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
@@ -267,8 +274,9 @@ class Trainer(Placement):
     normalisation, ...).
     """
 
-    def __init__(self, config, stage_name: str, *, async_checkpoints: bool = True):
-        super().__init__(config)
+    def __init__(self, config, stage_name: str, *, async_checkpoints: bool = True,
+                 place: Placement | None = None):
+        super().__init__(config, like=place)  # `place`: reuse that Placement's mesh
         self.stage = stage_name
         config_utils.validate(config, jax.device_count())
         self.workdir = Path(config.workdir)

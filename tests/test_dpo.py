@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint, config_utils, dpo, models, sharding
+from rlhf_jax import checkpoint, config_utils, dpo, models, offline, sharding
 from rlhf_jax import trainer as tr
 from rlhf_jax.data import preferences
 
@@ -108,7 +108,7 @@ def test_precomputed_and_on_the_fly_reference_are_equal():
     params = models.init_params(CFG, jax.random.key(2), ("lm",))
     place = tr.Placement(config_utils.base_config())  # data = all 8 devices
     arrays = {k: np.concatenate([v] * 5) for k, v in _pair_batch().items()}  # 10 pairs
-    pre = dpo.precompute_reference(CFG, params, arrays, batch_size=4, place=place)["ref_logp"]
+    pre = offline.precompute_reference(CFG, params, arrays, batch_size=4, place=place)["ref_logp"]
     fly = jax.jit(lambda p, b: dpo.pair_logprobs(CFG, p, b)[0])(params, arrays)
     np.testing.assert_allclose(pre, np.asarray(fly), rtol=1e-6)
 

@@ -5,6 +5,7 @@ A config's `data.source` is a dict whose `kind` picks the class:
     {"kind": "sim", "seed": 0, "num_train": ..., "num_eval": ..., [comparison fields]}
     {"kind": "jsonl", "train": "sft.jsonl", "eval": "...", "skip_malformed": False}
     {"kind": "preference_files", "format": "hh_rlhf", "train": (...), "eval": (...), ...}
+    {"kind": "feedback_jsonl", "train": ("a.jsonl",), "eval": ("b.jsonl",)}   # KTO's labels
 
 Stages ask a `DataSource` for what they need — prompts, demonstrations, pretraining text,
 comparisons — instead of branching on `kind`. What only the simulated world can give (gold
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.data import builders
+from rlhf_jax.data import builders, feedback
 from rlhf_jax.errors import UserError
 from rlhf_jax.paths import cache_dir
 
@@ -220,7 +221,34 @@ class PreferenceFileSource(DataSource):
                                                              "from": "preferred responses"}
 
 
-KINDS = {c.kind: c for c in (SimSource, JsonlSource, PreferenceFileSource)}
+class FeedbackFileSource(DataSource):
+    """Binary-feedback JSONL files (`rlhf_jax.data.feedback`: `{"prompt", "completion",
+    "label"}` rows, label true = desirable): the unpaired examples KTO learns from, and their
+    distinct prompts."""
+
+    kind = "feedback_jsonl"
+    FIELDS = {"kind", "train", "eval"}
+
+    def __init__(self, source, field="config.data.source"):
+        super().__init__(source, field)
+        unknown = sorted(set(self.spec) - self.FIELDS)
+        if unknown:
+            raise UserError(field, f"unknown field(s) {unknown} for kind 'feedback_jsonl'",
+                            f"allowed: {sorted(self.FIELDS)}")
+
+    def feedback(self, split: str) -> tuple[list[dict], dict]:
+        """(examples `{"prompt", "completion", "desirable"}`, stats) of a split's files."""
+        files = _files(self.spec.get(split))
+        if not files:
+            raise UserError(f"{self.field}.{split}", "names no file", "give one or more files")
+        examples = [e for f in files for e in feedback.read_jsonl(f)]
+        return examples, {**feedback.stats_of(examples), "files": files}
+
+    def prompts(self, split: str) -> list[str]:
+        return list(dict.fromkeys(e["prompt"] for e in self.feedback(split)[0]))
+
+
+KINDS = {c.kind: c for c in (SimSource, JsonlSource, PreferenceFileSource, FeedbackFileSource)}
 
 
 def from_config(source, field: str = "config.data.source") -> DataSource:
