@@ -32,6 +32,7 @@ from rlhf_jax.trainer import Placement
 METHODS = {"ppo": ("rlhf_jax.ppo", "ppo", True), "dpo": ("rlhf_jax.dpo", "dpo", False),
            "rloo": ("rlhf_jax.pg", "rloo", True), "grpo": ("rlhf_jax.pg", "grpo", True),
            "dr_grpo": ("rlhf_jax.pg", "dr_grpo", True), "bon": (None, "bon", True)}
+METHODS["online_dpo"] = ("rlhf_jax.online_dpo", "online_dpo", True)
 
 
 def method_names(config) -> list[str]:

@@ -19,8 +19,9 @@ Loss of one minibatch (Schulman et al. 2017, with DAPO's clip-higher, Yu et al. 
 The top half of the file is the math: pure, jittable functions of arrays (tested against plain
 references in tests/test_pg_math.py). Everything works on global arrays, so under jit on a mesh
 the numbers do not depend on how the batch is split across devices, even when a group's rows
-land on different devices (DESIGN.md pitfall 6). The stage below it (rollout, update,
-`run(config)`) calls the math and adds no formula of its own:
+land on different devices (DESIGN.md pitfall 6). The stage below it (rollout, update, `build`
+for the on-policy driver `onpolicy.run`) calls the math and the shared parts of
+`rlhf_jax.rollout`, and adds no formula of its own:
 
     python -m rlhf_jax.pg --config=configs/pg_sim.py:method=grpo \
         --config.init_from=<SFT work dir> --config.reward_from=<RM work dir>
@@ -333,8 +334,8 @@ def pg_loss(opts: PGOptions, logp: jax.Array, old_logp: jax.Array, advantages: j
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage: static settings, rollout, update, run. Only the policy is trained; the frozen
-# trees are the SFT reference and the reward model.
+# The stage: static settings, rollout, update, build / run on the on-policy driver. Only the
+# policy is trained; the frozen trees are the SFT reference and the reward model.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

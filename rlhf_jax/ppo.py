@@ -7,10 +7,12 @@ Objective (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019):
     E_{x, y~pi}[ r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) ]
         + gamma_ptx * E_{x~D_pretrain}[ log pi(x) ]
 
-This file holds the whole algorithm: the math (pure functions of arrays, tested against plain
-references in tests/test_ppo_math.py), the rollout (sampler -> reference / value / reward model
-passes -> per-token rewards -> GAE), the PPO update (epochs x minibatches in one jitted scan) and
-`run(config)`, which wires them into the shared `Trainer` loop.
+This file holds what is PPO's own: the math (pure functions of arrays, tested against plain
+references in tests/test_ppo_math.py), the rollout (the shared front half of `rlhf_jax.rollout`:
+sampler -> policy / value pass -> reference -> RM -> EOS trick; then per-token rewards and GAE),
+the loss of one minibatch and its update (`rollout.update_epochs`), the value model's
+initialisation, and `build`, PPO's part of the on-policy stage driver (`onpolicy.run`): policy
+and value trained, beta in the checkpointed state, the adaptive KL controller after each update.
 """
 
 from __future__ import annotations

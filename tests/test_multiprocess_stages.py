@@ -1,4 +1,4 @@
-"""SFT, RM, PPO and DPO as two `jax.distributed` processes (gloo, 4 CPU devices each) give the
+"""SFT, RM, PPO, DPO and online DPO as two `jax.distributed` processes (gloo, 4 CPU devices each) give the
 same final metrics as one process on the same 8-device global mesh: every host-side step reads
 its own rows or gathers explicitly, never `device_get`s a global array (DESIGN.md)."""
 
@@ -28,7 +28,7 @@ def _scalars(d, prefix=""):
     return out
 
 
-# Three runs of four stages (two processes plus the one-process reference) take 4-5 minutes on
+# Three runs of five stages (two processes plus the one-process reference) take 4-5 minutes on
 # 2 cores, a third of CI's budget; tests/test_multiprocess.py keeps the trainer's two-process
 # checks in CI. Run before changing a stage's host-side data path: pytest -m slow.
 @pytest.mark.slow
@@ -64,7 +64,7 @@ UNIDENTIFIABLE = {"rm": {"reward_norm/bias"}}
 
 
 def compare_summaries(root: Path) -> None:
-    for stage in ("sft", "rm", "ppo", "dpo"):
+    for stage in ("sft", "rm", "ppo", "dpo", "online_dpo"):
         got = _scalars(json.loads((root / "multi" / stage / "summary.json").read_text()))
         want = _scalars(json.loads((root / "single" / stage / "summary.json").read_text()))
         keys = {k for k in want if "seconds" not in k and "steps_per_sec" not in k
