@@ -7,8 +7,9 @@ each method vs SFT.
     python -m experiments.pipeline --config.ppo.train.steps=300 --config.rm.loss.kind=pairwise
     python -m experiments.pipeline --config.methods=ppo,dpo,rloo,grpo,bon --config.bon.n=16
 
-Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`, `dpo`, `kto`, and
-the critic-free `rloo`, `grpo`, `dr_grpo` from configs/pg_sim.py) and takes the same
+Each stage's own config sits under its name (`pretrain`, `sft`, `rm`, `ppo`, `dpo`, `kto`, the
+critic-free `rloo`, `grpo`, `dr_grpo` from configs/pg_sim.py, `online_dpo` from
+configs/online_dpo_sim.py) and takes the same
 dotted overrides as when the stage runs alone; the pipeline sets their `workdir`, `init_from`,
 `reward_from` and `seed`. Preset keys: model, tiny.
 """
@@ -16,7 +17,7 @@ dotted overrides as when the stage runs alone; the pipeline sets their `workdir`
 import ml_collections
 
 from rlhf_jax import config_utils
-from configs import dpo_sim, kto_sim, pg_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
+from configs import dpo_sim, kto_sim, online_dpo_sim, pg_sim, ppo_sim, pretrain_sim, rm_sim, sft_sim
 
 
 def _unlocked(c):
@@ -26,6 +27,7 @@ def _unlocked(c):
 
 
 PG_METHODS = ("rloo", "grpo", "dr_grpo")
+ON_POLICY = (*PG_METHODS, "online_dpo")  # sampled at PPO's settings
 
 
 def get_config(arg: str | None = None):
@@ -46,6 +48,8 @@ def get_config(arg: str | None = None):
     c.kto = _unlocked(kto_sim.get_config())  # the same: the RM's comparisons, best / worst
     for name in PG_METHODS:  # critic-free policy gradients (rlhf_jax.pg)
         c[name] = _unlocked(pg_sim.get_config(f"method={name}"))
+    c.online_dpo = _unlocked(online_dpo_sim.get_config())  # rlhf_jax.online_dpo
+    for name in ON_POLICY:
         # Sampled like PPO: the RM's normalisation holds at these settings.
         c[name].rollout.temperature = c.ppo.rollout.get_ref("temperature")
         c[name].rollout.max_new_tokens = c.ppo.rollout.get_ref("max_new_tokens")
@@ -89,7 +93,7 @@ def get_config(arg: str | None = None):
         c.ppo.train.steps = 40
         c.ppo.train.eval_every = 0
         c.ppo.eval.num_prompts = 64
-        for name in PG_METHODS:
+        for name in ON_POLICY:
             c[name].train.steps = 40
             c[name].train.eval_every = 0
             c[name].eval.num_prompts = 64

@@ -19,8 +19,9 @@ Loss of one minibatch (Schulman et al. 2017, with DAPO's clip-higher, Yu et al. 
 The top half of the file is the math: pure, jittable functions of arrays (tested against plain
 references in tests/test_pg_math.py). Everything works on global arrays, so under jit on a mesh
 the numbers do not depend on how the batch is split across devices, even when a group's rows
-land on different devices (DESIGN.md pitfall 6). The stage below it (rollout, update,
-`run(config)`) calls the math and adds no formula of its own:
+land on different devices (DESIGN.md pitfall 6). The stage below it (rollout, update, `build`
+for the on-policy driver `onpolicy.run`) calls the math and the shared parts of
+`rlhf_jax.rollout`, and adds no formula of its own:
 
     python -m rlhf_jax.pg --config=configs/pg_sim.py:method=grpo \
         --config.init_from=<SFT work dir> --config.reward_from=<RM work dir>
@@ -34,24 +35,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
 
-from rlhf_jax import (config_utils, evaluation, models, onpolicy, optim, rewards, sampling,
-                      sharding)
-from rlhf_jax import trainer as trainer_lib
+from rlhf_jax import config_utils, onpolicy
+from rlhf_jax import rollout as rollout_lib
 from rlhf_jax.errors import UserError
 from rlhf_jax.ops import kl_estimators, masked_mean, response_logprobs
-from rlhf_jax.ppo import minibatch_indices
-from rlhf_jax.rng import Purpose, StepUse, step_key
 
 # ----------------------------------------------------------------------------------------------
 # Options.
@@ -340,27 +334,16 @@ def pg_loss(opts: PGOptions, logp: jax.Array, old_logp: jax.Array, advantages: j
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage: static settings, rollout, update, run. Only the policy is trained; the frozen
-# trees are the SFT reference and the reward model.
+# The stage: static settings, rollout, update, build / run on the on-policy driver. Only the
+# policy is trained; the frozen trees are the SFT reference and the reward model.
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Static settings of one critic-free run (hashable: jitted code closes over them, so
-    changing one recompiles and nothing else does)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(rollout_lib.Settings):
+    """Static settings of one critic-free run: the shared on-policy fields (`rollout.Settings`)
+    and the loss options (hashable: jitted code closes over them)."""
 
-    policy: models.ModelConfig
-    reward: models.ModelConfig
     opts: PGOptions
-    reward_gain: float = 1.0  # the RM checkpoint's `reward_norm`
-    reward_bias: float = 0.0
-    max_new_tokens: int = 20
-    temperature: float = 0.7
-    eos_id: int = 1
-    pad_id: int = 0
-    no_eos_score: float | None = -1.0  # the EOS trick; None = off
-    epochs: int = 1
-    minibatches: int = 1
 
 
 def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
@@ -374,50 +357,28 @@ def rollout(s: Settings, params: dict, ref_params: dict, rm_params: dict,
     for `update` (sequences, masks, rollout and reference log-probs, one advantage per row),
     `rows` per-episode results for the host, `metrics` batch means.
     """
-    opts, L = s.opts, prompt_tokens.shape[1]
-    prompts = sharding.split_rows(
-        {"tokens": jnp.repeat(prompt_tokens, opts.group_size, axis=0),
-         "mask": jnp.repeat(prompt_mask, opts.group_size, axis=0)}, batch_sharding)
-    # Fixed-length sampling, pad after the first EOS (the EOS trick, Huang et al. 2023).
-    out = sampling.generate(s.policy, params, prompts["tokens"], prompts["mask"], rng,
-                            max_new_tokens=s.max_new_tokens, eos_id=s.eos_id, pad_id=s.pad_id,
-                            temperature=s.temperature)
-    tokens, mask, positions, rmask = (out.sequence_tokens, out.sequence_mask,
-                                      out.sequence_positions, out.mask)
-    m = rmask.astype(jnp.float32)
+    opts = s.opts
+    prompts = rollout_lib.repeat_prompts(prompt_tokens, prompt_mask, opts.group_size,
+                                         batch_sharding)
     # Trainer-side log-probs under logits / T, as PPO (the sampler's are only compared).
-    pol = response_logprobs(s.policy, params, tokens, mask, positions, L,
-                            temperature=s.temperature, with_entropy=True)
-    logp = pol["logp"]
-    ref_logp = response_logprobs(s.policy, ref_params, tokens, mask, positions, L,
-                                 temperature=s.temperature)["logp"]
-    rm_score = rewards.score_sequences(s.reward, rm_params, tokens, mask,
-                                       {"gain": s.reward_gain, "bias": s.reward_bias})
-    score = rewards.apply_eos_trick(rm_score, out.ended, s.no_eos_score)
-    seq_reward, seq_kl = kl_penalized_rewards(opts, score, logp, ref_logp, rmask)
+    policy_pass = functools.partial(response_logprobs, s.policy, params,
+                                    temperature=s.temperature, with_entropy=True)
+    r = rollout_lib.sample_and_score(s, params, policy_pass, ref_params, rm_params,
+                                     prompts["tokens"], prompts["mask"], rng)
+    logp, rmask = r.policy["logp"], r.response_mask
+    seq_reward, seq_kl = kl_penalized_rewards(opts, r.score, logp, r.ref_logp, rmask)
     advantages, adv_stats = compute_advantages(opts, seq_reward)
-    k3_seq = jnp.sum(kl_estimators(logp, ref_logp)["k3"] * m, axis=1)
-    batch = {"tokens": tokens, "mask": mask, "positions": positions, "response_mask": rmask,
-             "old_logp": logp, "ref_logp": ref_logp, "advantages": advantages}
-    rows = {"response_tokens": out.tokens, "response_mask": rmask, "lengths": out.lengths,
-            "ended": out.ended, "rm_score": rm_score, "score": score, "kl": seq_kl,
+    batch = {"tokens": r.tokens, "mask": r.mask, "positions": r.positions,
+             "response_mask": rmask, "old_logp": logp, "ref_logp": r.ref_logp,
+             "advantages": advantages}
+    rows = {"response_tokens": r.out.tokens, "response_mask": rmask, "lengths": r.out.lengths,
+            "ended": r.out.ended, "rm_score": r.rm_score, "score": r.score, "kl": seq_kl,
             "reward": seq_reward, "advantages": advantages}
-    metrics = {
-        "rm_score": jnp.mean(rm_score),
-        "score": jnp.mean(score),  # after the EOS trick
-        "kl": jnp.mean(seq_kl),  # sequence k1, batch mean
-        "kl_k3": jnp.mean(k3_seq),
-        "non_score_reward": (-opts.beta * jnp.mean(seq_kl) if opts.kl_mode == "reward"
-                             else jnp.zeros((), jnp.float32)),
-        "return": jnp.mean(seq_reward),  # the sequence reward the estimator saw
-        "entropy": masked_mean(pol["entropy"], rmask),
-        "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
-        "eos_rate": jnp.mean(out.ended.astype(jnp.float32)),
-        # Sampler (KV cache) vs trainer (teacher-forced) log-probs of the same tokens.
-        "logprob_diff_max": jnp.max(jnp.abs(out.logprobs - logp) * m),
-        **adv_stats,  # reward / advantage mean and std, group_reward_std, zero_adv_group_frac
-    }
-    return batch, rows, metrics
+    # `return`: the sequence reward the estimator saw.
+    metrics = rollout_lib.rollout_metrics(r, logp, r.policy["entropy"], seq_kl, seq_reward,
+                                          opts.beta if opts.kl_mode == "reward" else None)
+    # reward / advantage mean and std, group_reward_std, zero_adv_group_frac
+    return batch, rows, {**metrics, **adv_stats}
 
 
 # Settings and the batch sharding static: runs in one process with equal settings (a resumed
@@ -437,36 +398,19 @@ def minibatch_loss(s: Settings, params: dict, mb: dict) -> tuple[jax.Array, dict
 def update(s: Settings, optimizer: optax.GradientTransformation, params: dict, opt_state,
            batch: dict, shuffle_key: jax.Array, update_index: jax.Array | int, *,
            batch_sharding: jax.sharding.NamedSharding | None = None) -> tuple[dict, Any, dict]:
-    """`s.epochs` passes over one rollout batch, `s.minibatches` optimizer steps each, in one
-    `lax.scan`; minibatches are a fresh permutation per (update, epoch) (`ppo.minibatch_indices`)
-    and `batch_sharding` splits each over the mesh's batch axes, as in `ppo.update`.
+    """`s.epochs` passes over one rollout batch, `s.minibatches` optimizer steps each
+    (`rollout.update_epochs`: one `lax.scan`, a fresh permutation per (update, epoch), each
+    minibatch split over the mesh by `batch_sharding`).
 
-    Returns (params, opt_state, metrics averaged over the minibatch steps, plus
-    `ratio_first_max_dev`: max |ratio - 1| on the first minibatch, ~1e-7 when rollout and update
-    compute the same log-probs).
+    Returns (params, opt_state, metrics averaged over the minibatch steps, plus the extreme
+    ratios and `ratio_first_max_dev`: max |ratio - 1| on the first minibatch, ~1e-7 when rollout
+    and update compute the same log-probs).
     """
-    B = batch["tokens"].shape[0]
-    grad_fn = jax.value_and_grad(functools.partial(minibatch_loss, s), has_aux=True)
-
-    def minibatch_step(carry, idx):
-        params, opt_state = carry
-        mb = sharding.split_rows(jax.tree.map(lambda x: x[idx], batch), batch_sharding)
-        (_, stats), grads = grad_fn(params, mb)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, opt_state), {**stats, "grad_norm": optax.tree.norm(grads)}
-
-    def epoch(carry, e):
-        idx = minibatch_indices(shuffle_key, update_index, e, B, s.minibatches)
-        return jax.lax.scan(minibatch_step, carry, idx)
-
-    (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jnp.arange(s.epochs))
-    extremes = ("ratio_max_dev", "ratio_min", "ratio_max")
-    metrics = {k: jnp.mean(v) for k, v in stats.items() if k not in extremes}
-    metrics.update(ratio_min=jnp.min(stats["ratio_min"]), ratio_max=jnp.max(stats["ratio_max"]),
-                   ratio_first_max_dev=stats["ratio_max_dev"][0, 0],
-                   approx_kl_last_epoch=jnp.mean(stats["approx_kl"][-1]))
-    return params, opt_state, metrics
+    params, opt_state, stats = rollout_lib.update_epochs(
+        lambda p, mb, _: minibatch_loss(s, p, mb), optimizer, params, opt_state, batch,
+        shuffle_key, update_index, epochs=s.epochs, minibatches=s.minibatches,
+        batch_sharding=batch_sharding)
+    return params, opt_state, rollout_lib.reduce_update_stats(stats)
 
 
 def options_from_config(config) -> PGOptions:
@@ -480,130 +424,38 @@ def options_from_config(config) -> PGOptions:
 
 
 def validate_config(config) -> PGOptions:
-    """The stage's fields, checked before anything loads or compiles (the Trainer checks the
-    shared ones). Returns the loss options."""
-    for field, what in (("init_from", "SFT"), ("reward_from", "reward model")):
-        if not config[field]:
-            raise UserError(f"config.{field}", "is empty",
-                            f"give the work dir of the {what} stage (--config.{field}=<dir>)")
-    check = functools.partial(config_utils.check_number, config)
-    check("rollout.max_new_tokens", int)
-    check("rollout.temperature")  # > 0: the ratio needs the sampling distribution (logits / T)
-    check("pg.epochs", int)
-    check("pg.minibatches", int)
-    check("kl.beta", strict=False)
+    """The stage's fields, checked before anything loads or compiles (the shared on-policy ones
+    by `onpolicy.validate_config`, the training ones by the Trainer). Returns the loss options."""
+    config_utils.check_number(config, "kl.beta", strict=False)
     opts = options_from_config(config)
-    episodes = config.train.batch_size * opts.group_size
-    if episodes % config.pg.minibatches:
-        raise UserError("config.pg.minibatches", f"{config.train.batch_size} prompts x "
-                        f"{opts.group_size} samples = {episodes} episodes per update do not "
-                        f"split into {config.pg.minibatches} minibatches",
-                        "use a count that divides batch_size x group_size")
-    if config.train.accum_steps != 1:
-        raise UserError("config.train.accum_steps", f"{config.train.accum_steps} is not 1",
-                        "split updates with config.pg.minibatches")
-    check("eval.num_prompts", int)
-    evaluation.get_judges(tuple(config.eval.judges))
-    if config.eval.gold and config.eval.gold not in config.eval.judges:
-        raise UserError("config.eval.gold", f"{config.eval.gold!r} is not one of "
-                        f"config.eval.judges={tuple(config.eval.judges)}", "or set '' for none")
+    onpolicy.validate_config(config, "pg", opts.group_size)
     return opts
 
 
-def settings_from_config(config, opts: PGOptions, policy: models.ModelConfig,
-                         reward: models.ModelConfig, reward_norm: Mapping | None, eos_id: int,
-                         pad_id: int) -> Settings:
-    norm = reward_norm or {"gain": 1.0, "bias": 0.0}
-    r = config.rollout
-    return Settings(
-        policy=policy, reward=reward, opts=opts, reward_gain=float(norm["gain"]),
-        reward_bias=float(norm["bias"]), max_new_tokens=int(r.max_new_tokens),
-        temperature=float(r.temperature), eos_id=int(eos_id), pad_id=int(pad_id),
-        no_eos_score=float(r.no_eos_score) if r.eos_trick else None,
-        epochs=int(config.pg.epochs), minibatches=int(config.pg.minibatches))
+def build(config, m: onpolicy.Models, tr) -> onpolicy.Method:
+    """The critic-free part of the stage: the policy alone is trained, K samples per prompt."""
+    opts = options_from_config(config)
+    s = Settings(**rollout_lib.settings_fields(config, "pg", m.policy.cfg, m.reward.cfg,
+                                               m.reward.reward_norm, m.eos_id, m.pad_id),
+                 opts=opts)
+    P, K = int(config.train.batch_size), opts.group_size
+
+    def summary(state):
+        steps = int(jax.device_get(state.step))
+        return dict(estimator=opts.estimator, group_size=K, prompts=steps * P,
+                    episodes=steps * P * K)
+
+    return onpolicy.policy_method(
+        s, m, tr, _rollout_jit, update, samples_per_prompt=K, after_update=lambda extra, metrics: (extra, {"beta": opts.beta}),
+        summary=summary)
 
 
 def run(config) -> dict:
     """Train the SFT policy in `config.init_from` against the RM in `config.reward_from` with
     the critic-free estimator `config.pg.estimator`. Returns the run summary."""
     opts = validate_config(config)
-    tr = trainer_lib.Trainer(config, opts.estimator)
-    m = onpolicy.load_models(config, tr)
-    s = settings_from_config(config, opts, m.policy.cfg, m.reward.cfg, m.reward.reward_norm,
-                             m.eos_id, m.pad_id)
-    P, K = int(config.train.batch_size), opts.group_size
-
-    # The schedule counts optimizer steps; warmup is given in updates like every `train` count.
-    per_update = s.epochs * s.minibatches
-    optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
-    optim_cfg.warmup_steps = int(config.optim.warmup_steps) * per_update
-    optimizer = optim.make_optimizer(optim_cfg, int(config.train.steps) * per_update)
-    # The trained params are the policy's LM params and nothing else (no value model).
-    state, _ = tr.create_state(m.policy.params, models.param_axes(s.policy, ("lm",)), optimizer)
-    frozen = {"ref": m.policy.params, "rm": m.reward.params}
-
-    batches, train_texts, eval_texts = onpolicy.prompt_data(config, m.tokenizer, P)
-    judge = onpolicy.RolloutJudge(config.eval, m.tokenizer, train_texts)
-    policy_eval = onpolicy.policy_eval(config, m, eval_texts, tr)
-    rollout_jit = functools.partial(_rollout_jit, s, batch_sharding=tr.batch_sharding)
-    update_jit = jax.jit(functools.partial(update, s, optimizer,
-                                           batch_sharding=tr.batch_sharding),
-                         donate_argnums=(0, 1),
-                         out_shardings=(tr.state_shardings.params,
-                                        tr.state_shardings.opt_state, tr.replicated))
-    shuffle_key = tr.key(Purpose.SHUFFLE)
-
-    def step_fn(state, frozen, batch, key):
-        t0 = time.perf_counter()
-        data, rows, metrics = rollout_jit(state.params, frozen["ref"], frozen["rm"],
-                                          batch["prompt_tokens"], batch["prompt_mask"],
-                                          step_key(key, StepUse.SAMPLE))
-        params, opt_state, upd = update_jit(state.params, state.opt_state, data, shuffle_key,
-                                            state.step)
-        # While the update runs: decode and judge the rollout on the host (metrics only).
-        prompt_index = np.repeat(sharding.to_host(batch["prompt_index"]), K)
-        gold = judge(prompt_index, rows["response_tokens"], rows["response_mask"])
-        out = {**metrics, **upd, **gold, "beta": opts.beta}
-        jax.block_until_ready(upd)
-        out["time/update_s"] = time.perf_counter() - t0
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
-
-    def evaluate(policy_params, step):
-        metrics, rows = policy_eval(s.policy, policy_params, tr.key(Purpose.POLICY_EVAL))
-        policy_eval.write_table(tr.workdir, step, rows, metrics)
-        return metrics, rows
-
-    sft = evaluate(m.policy.params, 0)  # step 0 of the curves; the win-rate baseline
-    if int(jax.device_get(state.step)) == 0:
-        tr.writer.write(0, {f"eval/{kk}": v for kk, v in sft[0].items()})
-    last: list = []
-
-    def eval_fn(st):
-        last[:] = [evaluate(st.params, int(jax.device_get(st.step)))]
-        return last[0][0]
-
-    tr.metadata.update(model_config=s.policy.to_dict(), tokenizer_dir=m.tokenizer_dir,
-                       init_from=str(config.init_from), reward_from=str(config.reward_from))
-    state = tr.fit(state, step_fn, batches, eval_fn=eval_fn, jit=False, frozen=frozen,
-                   finite_metrics=("loss", "kl", "rm_score", "grad_norm"))
-    summary = onpolicy.summarize(policy_eval, sft, last[0] if last else None, opts.estimator)
-    steps = int(jax.device_get(state.step))
-    summary.update(estimator=opts.estimator, group_size=K, prompts=steps * P,
-                   episodes=steps * P * K)
-    tr.write_summary(summary)
-    tr.close()
-    return dict(tr.summary)
-
-
-def main(config) -> dict:
-    from rlhf_jax.metrics import to_python
-
-    summary = run(config)
-    name = summary.get("estimator", "pg")
-    keys = ("sft", name, "win_rate_vs_sft", "episodes")
-    print(json.dumps(to_python({k: summary[k] for k in keys if k in summary}), indent=2))
-    return summary
+    return onpolicy.run(config, opts.estimator, build)
 
 
 if __name__ == "__main__":
-    config_utils.run_with_config(main)
+    config_utils.run_stage(run, ("sft", *ADVANTAGE_ESTIMATORS, "win_rate_vs_sft", "episodes"))

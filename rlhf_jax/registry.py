@@ -104,7 +104,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          f"method={n}") for n in ("rloo", "grpo", "dr_grpo", "reinforce")),
     _m("kto", "rlhf_jax.kto", "configs/kto_sim.py", "kto", "kto.beta", False, "rm", "offline"),
     _m("online_dpo", "rlhf_jax.online_dpo", "configs/online_dpo_sim.py", "online_dpo",
-       "dpo.beta", True, "own", "on_policy"),
+       "online_dpo.beta", True, "own", "on_policy"),
     # Best-of-n of the SFT policy by the RM: no training, a policy made at comparison time.
     _m("bon", None, "configs/best_of_n_sim.py", "bon", "n", True, "own", "inference"),
 )}

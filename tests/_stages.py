@@ -1,4 +1,4 @@
-"""SFT -> RM -> PPO -> DPO -> KTO on tiny smoke configs of the simulated world, in one process, for the
+"""SFT -> RM -> PPO -> DPO -> KTO -> online DPO on tiny smoke configs of the simulated world, in one process, for the
 multi-process test: `python tests/_stages.py ROOT [--config.* overrides for every stage]`.
 
 Every stage writes its summary.json under ROOT/<stage>; the test runs this as two
@@ -15,7 +15,7 @@ CONFIGS = ROOT / "configs"
 
 
 def run_all(root: Path, extra: list[str]) -> None:
-    from rlhf_jax import config_utils, dpo, kto, ppo, rm, sft
+    from rlhf_jax import config_utils, dpo, kto, online_dpo, ppo, rm, sft
 
     def config(file, stage_dir, *args):
         return config_utils.parse_config_argv(
@@ -28,6 +28,9 @@ def run_all(root: Path, extra: list[str]) -> None:
                    f"--config.reward_from={root / 'rm'}"))
     dpo.run(config("dpo_sim.py:smoke", "dpo", f"--config.init_from={root / 'sft'}"))
     kto.run(config("kto_sim.py:smoke", "kto", f"--config.init_from={root / 'sft'}"))
+    online_dpo.run(config("online_dpo_sim.py:smoke", "online_dpo",
+                          f"--config.init_from={root / 'sft'}",
+                          f"--config.reward_from={root / 'rm'}"))
 
 
 if __name__ == "__main__":

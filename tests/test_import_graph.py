@@ -109,3 +109,32 @@ def test_rlhf_jax_has_no_cycles_and_no_upward_imports():
     assert forbidden == [], f"rlhf_jax imports configs/experiments: {forbidden}"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The modules that are methods (a stage a user runs: `python -m rlhf_jax.<method>`). A method
+# imports parts (ops, rollout, onpolicy, pref_losses, trainer, ...), never another method; what
+# two methods share lives in a part.
+METHOD_MODULES = ("sft", "rm", "ppo", "pg", "dpo", "kto", "online_dpo", "w2s", "bon")
+
+
+def method_imports(graph: dict[str, set[str]], pkg: str = "rlhf_jax") -> list[tuple[str, str]]:
+    """(method, method it imports) pairs of the package's import graph."""
+    methods = {f"{pkg}.{m}" for m in METHOD_MODULES} & set(graph)
+    return sorted((m, t) for m in methods for t in graph[m] if t in methods)
+
+
+def test_the_method_check_sees_a_method_importing_a_method(tmp_path):
+    pkg = tmp_path / "rlhf_jax"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ops.py").write_text("")
+    (pkg / "ppo.py").write_text("from rlhf_jax import ops\n")
+    (pkg / "pg.py").write_text("def f():\n    from rlhf_jax.ppo import minibatch_indices\n")
+    assert method_imports(import_graph(pkg)[0]) == [("rlhf_jax.pg", "rlhf_jax.ppo")]
+
+
+def test_no_method_module_imports_another_method_module():
+    graph, _ = import_graph(ROOT / "rlhf_jax")
+    present = [m for m in METHOD_MODULES if f"rlhf_jax.{m}" in graph]
+    assert {"sft", "rm", "ppo", "pg", "dpo", "online_dpo"} <= set(present), present
+    assert method_imports(graph) == [], "a method imports another method"

@@ -1,4 +1,4 @@
-"""SFT, RM, PPO, DPO and KTO as two `jax.distributed` processes (gloo, 4 CPU devices each) give the
+"""SFT, RM, PPO, DPO, KTO and online DPO as two `jax.distributed` processes (gloo, 4 CPU devices each) give the
 same final metrics as one process on the same 8-device global mesh: every host-side step reads
 its own rows or gathers explicitly, never `device_get`s a global array (DESIGN.md)."""
 
@@ -64,7 +64,7 @@ UNIDENTIFIABLE = {"rm": {"reward_norm/bias"}}
 
 
 def compare_summaries(root: Path) -> None:
-    for stage in ("sft", "rm", "ppo", "dpo", "kto"):
+    for stage in ("sft", "rm", "ppo", "dpo", "kto", "online_dpo"):
         got = _scalars(json.loads((root / "multi" / stage / "summary.json").read_text()))
         want = _scalars(json.loads((root / "single" / stage / "summary.json").read_text()))
         keys = {k for k in want if "seconds" not in k and "steps_per_sec" not in k

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import models, pg, ppo, rewards, sharding
+from rlhf_jax import models, pg, ppo, rewards, rollout, sharding
 
 POLICY = models.ModelConfig(vocab_size=24, d_model=32, n_layers=1, n_heads=2, d_ff=64,
                             max_len=64)
@@ -146,7 +146,7 @@ def _python_loop_update(s, params, batch, key, update_index):
     opt_state = OPT.init(params)
     B = batch["tokens"].shape[0]
     for e in range(s.epochs):
-        idx = np.asarray(ppo.minibatch_indices(key, update_index, e, B, s.minibatches))
+        idx = np.asarray(rollout.minibatch_indices(key, update_index, e, B, s.minibatches))
         for j in range(s.minibatches):
             mb = jax.tree.map(lambda x: x[idx[j]], batch)
             upd, opt_state = OPT.update(grad_fn(params, mb), opt_state, params)

@@ -1,4 +1,4 @@
-"""The pipeline's method comparison with the critic-free methods and best-of-n, in process, on
+"""The pipeline's method comparison with the critic-free methods, online DPO and best-of-n, in process, on
 tiny random SFT / RM stages (the base, SFT and RM stages are replaced; tests/test_pipeline.py
 runs them for real): every method trains through its own config field, and one table and one
 gold-vs-KL figure hold them all."""
@@ -14,7 +14,7 @@ METHODS = ("rloo", "grpo", "dr_grpo")
 
 
 def test_pipeline_with_critic_free_methods_and_best_of_n(tmp_path, capsys, monkeypatch):
-    from configs import pg_sim
+    from configs import online_dpo_sim, pg_sim
     from experiments import pipeline
 
     sft, rmd = sim_stage_dirs(tmp_path / "stages")
@@ -22,7 +22,7 @@ def test_pipeline_with_critic_free_methods_and_best_of_n(tmp_path, capsys, monke
                         lambda config: ({"base": sft, "sft": sft, "rm": rmd}, None))
     config = config_utils.parse_config_argv([
         "pipeline", f"--config={ROOT / 'configs' / 'pipeline_sim.py'}:tiny",
-        f"--config.workdir={tmp_path / 'pipe'}", "--config.methods=rloo,grpo,dr_grpo,bon",
+        f"--config.workdir={tmp_path / 'pipe'}", "--config.methods=rloo,grpo,dr_grpo,online_dpo,bon",
         "--config.bon.n=4", "--config.eval.num_prompts=16", "--config.eval.batch_size=64"])
     # Each method's fields come from its configs/pg_sim.py preset; train two updates.
     assert [config[m].pg.estimator for m in METHODS] == list(METHODS)
@@ -30,8 +30,9 @@ def test_pipeline_with_critic_free_methods_and_best_of_n(tmp_path, capsys, monke
     with config.unlocked():
         for m in METHODS:
             config[m] = pg_sim.get_config(f"smoke,method={m}")
+        config.online_dpo = online_dpo_sim.get_config("smoke")
     summary = pipeline.run(config)
-    for m in (*METHODS, "bon", "sft"):
+    for m in (*METHODS, "online_dpo", "bon", "sft"):
         r = summary[m]
         assert 0.0 <= r["win_rate_vs_sft"] <= 1.0 and "gold" in r and "rm_score" in r, m
     assert summary["sft"]["win_rate_vs_sft"] == 0.5
@@ -41,6 +42,6 @@ def test_pipeline_with_critic_free_methods_and_best_of_n(tmp_path, capsys, monke
         assert stage["estimator"] == m and stage["step"] == 2
     assert summary["bon"]["kl"] > 0  # KL_bon = log 4 - 3/4
     out = capsys.readouterr().out
-    for m in ("RLOO", "GRPO", "DR_GRPO", "BON", "SFT"):
+    for m in ("RLOO", "GRPO", "DR_GRPO", "ONLINE_DPO", "BON", "SFT"):
         assert f"  {m} " in out, m
     assert (tmp_path / "pipe" / "gold_vs_kl.png").stat().st_size > 1000

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ops, ppo, rewards
+from rlhf_jax import ops, ppo, rewards, rollout
 
 
 def _ragged_mask(lengths, n):
@@ -158,7 +158,7 @@ def test_kl_estimators_on_known_kl():
 
 def test_minibatch_permutations_differ_across_epochs_and_updates():
     key = jax.random.key(7)
-    perms = {(u, e): np.asarray(ppo.minibatch_indices(key, u, e, 32, 4))
+    perms = {(u, e): np.asarray(rollout.minibatch_indices(key, u, e, 32, 4))
              for u in range(3) for e in range(3)}
     for idx in perms.values():
         assert idx.shape == (4, 8)
@@ -166,9 +166,9 @@ def test_minibatch_permutations_differ_across_epochs_and_updates():
     flat = [v.ravel().tobytes() for v in perms.values()]
     assert len(set(flat)) == len(flat)
     # Deterministic for the key.
-    np.testing.assert_array_equal(ppo.minibatch_indices(key, 1, 2, 32, 4), perms[(1, 2)])
+    np.testing.assert_array_equal(rollout.minibatch_indices(key, 1, 2, 32, 4), perms[(1, 2)])
     with pytest.raises(ValueError, match="num_minibatches"):
-        ppo.minibatch_indices(key, 0, 0, 30, 4)
+        rollout.minibatch_indices(key, 0, 0, 30, 4)
 
 
 def test_clipped_losses_against_hand_values():

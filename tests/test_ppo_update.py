@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import models, ppo, rewards
+from rlhf_jax import models, ppo, rewards, rollout
 
 CFG = models.ModelConfig(vocab_size=24, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64)
 EOS, PAD = 1, 0
@@ -124,7 +124,7 @@ def _python_loop_update(s, params, batch, key, update_index):
     grad_fn = jax.jit(jax.grad(lambda p, mb: ppo.ppo_loss(s, p, mb, None, BETA)[0]))
     opt_state = OPT.init(params)
     for e in range(s.epochs):
-        idx = np.asarray(ppo.minibatch_indices(key, update_index, e, B, s.minibatches))
+        idx = np.asarray(rollout.minibatch_indices(key, update_index, e, B, s.minibatches))
         for j in range(s.minibatches):
             mb = jax.tree.map(lambda x: x[idx[j]], batch)
             upd, opt_state = OPT.update(grad_fn(params, mb), opt_state, params)
