@@ -473,4 +473,7 @@ def with_epoch_steps(config, n_train: int):
     set_dotted(config, "train.steps", steps)
     set_dotted(config, "optim.warmup_steps", min(config.optim.warmup_steps, steps))
     config.lock()
+    logging.getLogger("rlhf_jax").info(
+        "train.steps = %d: train.epochs=%s over %d examples at batch_size %d", steps,
+        config.train.epochs, n_train, config.train.batch_size)
     return config
