@@ -122,6 +122,23 @@ def commands(files: list[Path] | None = None) -> list[Command]:
     return out
 
 
+def docstring_commands() -> list[Command]:
+    """The `python -m` usage lines of the module docstrings of configs/, experiments/ and
+    rlhf_jax/ (continuation lines joined); checked for parsing only (they show one command
+    each, not a chain)."""
+    import ast
+
+    out = []
+    for path in sorted([*(ROOT / "configs").glob("*.py"), *(ROOT / "experiments").glob("*.py"),
+                        *(ROOT / "rlhf_jax").rglob("*.py")]):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        for i, line in enumerate(re.sub(r"\\\n\s*", " ", doc).splitlines()):
+            if line.strip().startswith(("python -m", "python3 -m")):
+                out.append(Command(str(path.relative_to(ROOT)), i + 1, -1 - i,
+                                   shlex.split(line, comments=True)))
+    return out
+
+
 def default_config(module: str) -> str | None:
     """The config file an experiment reads without `--config=` (its DEFAULT_CONFIG)."""
     path = ROOT / (module.replace(".", "/") + ".py")
@@ -185,8 +202,9 @@ def _module_exists(module: str) -> bool:
         sys.path.remove(str(ROOT))
 
 
-def problems(cmds: list[Command] | None = None) -> list[str]:
-    """Static problems of every documented command (module, config, chaining), one line each."""
+def problems(cmds: list[Command] | None = None, chain: bool = True) -> list[str]:
+    """Static problems of every documented command (module, config, chaining), one line each.
+    `chain=False`: the module and config checks only."""
     from rlhf_jax.errors import UserError
 
     cmds = commands() if cmds is None else cmds
@@ -218,7 +236,7 @@ def problems(cmds: list[Command] | None = None) -> list[str]:
                        and f"rlhf_jax.{m}" not in PENDING_MODULES]
             if missing:
                 bad.append(f"{cmd.where}: --config.methods: {missing} are not pipeline methods")
-        for field in REQUIRED_INPUTS.get(cmd.module, ()) if config is not None else ():
+        for field in REQUIRED_INPUTS.get(cmd.module, ()) if config is not None and chain else ():
             if not config[field]:
                 bad.append(f"{cmd.where}: config.{field} is empty: the stage needs "
                            f"--config.{field}=<a finished stage's work dir>")
@@ -226,7 +244,7 @@ def problems(cmds: list[Command] | None = None) -> list[str]:
         info.append((cmd, reads, writes))
 
     # Chaining: what a command reads, an earlier command of its page (or any other page) writes.
-    for i, (cmd, reads, writes) in enumerate(info):
+    for i, (cmd, reads, writes) in enumerate(info if chain else []):
         earlier = {w for c, _, ws in info[:i] if c.file == cmd.file for w in ws}
         elsewhere = {w for c, _, ws in info if c.file != cmd.file for w in ws}
         for d in reads:
@@ -308,8 +326,9 @@ def runnable(cmd: Command) -> bool:
 
 
 if __name__ == "__main__":
-    found = problems()
-    print("\n".join(found) if found else f"{len(commands())} commands checked: all resolve")
+    found = problems() + problems(docstring_commands(), chain=False)
+    print("\n".join(found) if found else
+          f"{len(commands()) + len(docstring_commands())} commands checked: all resolve")
     if "--run" in sys.argv[1:] and not found:
         import tempfile
 

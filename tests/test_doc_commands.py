@@ -42,6 +42,14 @@ def test_every_documented_command_resolves_and_chains():
     assert docs.problems(cmds) == []
 
 
+def test_usage_lines_in_module_docstrings_parse():
+    """The `python -m` lines of configs/, experiments/ and rlhf_jax/ docstrings name modules and
+    presets that exist and fields the config has (one command each: not chained)."""
+    cmds = docs.docstring_commands()
+    assert len(cmds) >= 50 and any(c.file == "configs/pg_sim.py" for c in cmds)
+    assert docs.problems(cmds, chain=False) == []
+
+
 def test_the_checks_fail_on_commands_that_do_not_chain(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
