@@ -1,4 +1,4 @@
-"""Model configuration: one decoder-only family that covers GPT-2 and Llama/Qwen2/Mistral."""
+"""Model configuration: one decoder-only family that covers GPT-2 and Llama/Qwen2/Qwen3/Mistral."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rlhf_jax.errors import UserError
 ARCHES = ("gpt2", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +20,13 @@ class ModelConfig:
 
     `arch="gpt2"`: learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied
     embeddings. `arch="llama"`: RMSNorm, RoPE, SwiGLU, grouped-query attention; `qkv_bias`
-    gives Qwen2, `tie_embeddings` is free for either.
+    gives Qwen2, `qk_norm` Qwen3, `rope_type="llama3"` Llama 3.1+; `tie_embeddings` is free for
+    either.
+
+    RoPE scaling (`rope_type="llama3"`, Hugging Face's `rope_parameters`): wavelengths longer
+    than `rope_original_max_len / rope_low_freq_factor` are stretched by `rope_factor`, those
+    shorter than `rope_original_max_len / rope_high_freq_factor` are kept, and the band between
+    is interpolated smoothly. The four `rope_*` scaling fields are ignored for "default".
     """
 
     arch: str = "llama"
@@ -33,14 +40,20 @@ class ModelConfig:
     max_len: int = 512  # learned-position table size (gpt2) / a sanity bound (llama)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_type: str = "default"  # or "llama3" (frequency-dependent scaling, Llama 3.1+)
+    rope_factor: float = 1.0  # llama3: `factor`
+    rope_low_freq_factor: float = 1.0  # llama3: `low_freq_factor`
+    rope_high_freq_factor: float = 4.0  # llama3: `high_freq_factor`
+    rope_original_max_len: int = 8192  # llama3: `original_max_position_embeddings`
     qkv_bias: bool = False  # Qwen2 has q/k/v biases; GPT-2 always has biases
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k (per head) before RoPE
     tie_embeddings: bool = True
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; logits are always float32
     scan_layers: bool = True
     remat: str = "none"
     dropout: float = 0.0  # off by default in every stage (Huang et al. 2023)
-    hf_model_type: str | None = None  # model_type to write on export (gpt2, llama, qwen2, mistral)
+    hf_model_type: str | None = None  # model_type to write on export (gpt2, llama, qwen2, qwen3, mistral)
 
     def __post_init__(self):
         if self.arch not in ARCHES:
@@ -61,6 +74,19 @@ class ModelConfig:
                 f"{self.kv_heads}")
         if self.arch == "gpt2" and self.kv_heads != self.n_heads:
             raise UserError("model.n_kv_heads", "must equal model.n_heads for arch='gpt2'")
+        if self.rope_type not in ROPE_TYPES:
+            raise UserError("model.rope_type", f"{self.rope_type!r} is not one of {ROPE_TYPES}")
+        if self.arch == "gpt2" and (self.qk_norm or self.rope_type != "default"):
+            raise UserError("model.arch", "arch='gpt2' has learned positions and no q/k norm",
+                            "leave model.rope_type='default' and model.qk_norm=False")
+        if self.rope_type == "llama3" and not (
+                self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_len > 0):
+            raise UserError(
+                "model.rope_factor", f"llama3 RoPE scaling needs rope_factor > 0, 0 < "
+                f"rope_low_freq_factor < rope_high_freq_factor, rope_original_max_len > 0; got "
+                f"{self.rope_factor}, {self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
+                f"{self.rope_original_max_len}")
 
     # Derived sizes -----------------------------------------------------------------------
     @property

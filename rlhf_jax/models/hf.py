@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: GPT-2, Llama, Qwen2 and Mistral causal LMs.
+"""Hugging Face checkpoints in and out: GPT-2, Llama (incl. 3.x RoPE scaling), Qwen2, Qwen3 and
+Mistral causal LMs.
 
 A Hugging Face directory is `config.json` plus `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). Tensors are read with the `safetensors` numpy API (no torch)
@@ -8,6 +9,8 @@ and mapped into our parameter tree (`rlhf_jax.models.transformer`):
 * Llama-family `nn.Linear` weights are [out, in]; q/k/v/o are reshaped into heads;
 * RoPE: HF Llama checkpoints already use the rotate-half layout that our `_rope` uses, so no
   permutation is applied (the permutation is only needed for Meta's original checkpoints);
+  Llama 3.x's `rope_type="llama3"` scaling maps onto `ModelConfig.rope_*`;
+* Qwen3's per-head `q_norm` / `k_norm` ([head_dim]) map onto `layers/q_norm`, `layers/k_norm`;
 * tied embeddings have no `lm_head.weight` (a tied checkpoint that still carries one is
   accepted only if it equals the embedding).
 
@@ -42,11 +45,12 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCORE_HEAD_FILE = "score_head.safetensors"
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 _ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
 # Files save_hf writes itself; never copied over from a tokenizer directory.
@@ -76,30 +80,60 @@ def _require(d: dict, key: str, ok: Callable[[Any], bool], want: str, source: st
     return value
 
 
-def _rope_theta(d: dict, source: str) -> float:
-    """RoPE base, checking that no scaling is in use (transformers 5 and 4.x layouts)."""
-    theta = d.get("rope_theta", 10000.0)
+# HF `rope_parameters` keys of each supported rope_type (besides rope_type / type / rope_theta)
+# -> our ModelConfig field.
+_ROPE_FIELDS = {
+    "default": {},
+    "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_len"},
+}
+
+
+def _rope_config(d: dict, source: str) -> dict:
+    """ModelConfig's RoPE fields (rope_theta, rope_type, the scaling) from `rope_parameters`
+    (transformers 5) or `rope_theta` + `rope_scaling` (4.x); anything else is an error."""
+    out = {"rope_theta": float(d.get("rope_theta", 10000.0))}
+    found = None
     for field in ("rope_parameters", "rope_scaling"):  # 5.x, 4.x
         spec = d.get(field)
         if spec is None:
             continue
-        kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else "?"
-        # Anything beyond a plain theta (scaling factors, per-layer-type tables) changes the math.
-        extra = sorted(set(spec) - {"rope_type", "type", "rope_theta"}) if isinstance(spec, dict) else []
-        if kind != "default" or extra:
+        if not isinstance(spec, dict):
+            raise HFCheckpointError(source, f"{field}={spec!r} is not a dict")
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind not in _ROPE_FIELDS:
             raise HFCheckpointError(
-                source, f"{field}={spec!r} is not supported; only the default (unscaled) "
-                "rotary embedding is implemented")
-        theta = spec.get("rope_theta", theta)
-    return float(theta)
+                source, f"{field}={spec!r} is not supported; rlhf_jax implements rope_type "
+                f"{sorted(_ROPE_FIELDS)}")
+        keys = _ROPE_FIELDS[kind]
+        # Anything beyond these (partial rotary, attention factors, per-layer-type tables)
+        # changes the math.
+        extra = sorted(set(spec) - {"rope_type", "type", "rope_theta"} - set(keys))
+        missing = sorted(set(keys) - set(spec))
+        if extra or missing:
+            raise HFCheckpointError(
+                source, f"{field}={spec!r}: " + (f"key(s) {extra} are not supported"
+                                                 if extra else f"key(s) {missing} are missing")
+                + f" for rope_type={kind!r}")
+        this = {"rope_theta": float(spec.get("rope_theta", out["rope_theta"])), "rope_type": kind}
+        for hf_key, ours in keys.items():
+            this[ours] = int(spec[hf_key]) if ours == "rope_original_max_len" else float(spec[hf_key])
+        if found is not None and this != found:
+            raise HFCheckpointError(source, f"rope_parameters and rope_scaling disagree "
+                                    f"({found} vs {this})")
+        found = this
+    out.update(found or {})
+    return out
 
 
 def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
-    """A `ModelConfig` for a Hugging Face `config.json` dict (model_type gpt2/llama/qwen2/mistral).
+    """A `ModelConfig` for a Hugging Face `config.json` dict (model_type gpt2/llama/qwen2/qwen3/
+    mistral).
 
     Raises HFCheckpointError naming the field and `source` for anything our decoder does not
-    compute exactly (other architectures, RoPE scaling, sliding windows in use, biases on the
-    output/MLP projections, other activations).
+    compute exactly (other architectures, RoPE scalings other than Llama 3's, sliding windows in
+    use, biases on the output/MLP projections, other activations).
     """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -134,11 +168,12 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> ModelConfig:
 
     # Llama family.
     _require(hf, "hidden_act", lambda v: v == "silu", "'silu' (SwiGLU)", source, "silu")
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         _require(hf, "attention_bias", lambda v: not v, "False (o_proj bias is not implemented)",
                  source, False)
+    if model_type == "llama":
         _require(hf, "mlp_bias", lambda v: not v, "False", source, False)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         layer_types = hf.get("layer_types") or []
         sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
         # transformers 4.x: layers from max_window_layers on use the window (if one is set).
@@ -170,8 +205,9 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> ModelConfig:
         d_ff=int(hf["intermediate_size"]),
         max_len=int(hf.get("max_position_embeddings", 2048)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(hf, source),
+        **_rope_config(hf, source),
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **common,
     )
@@ -183,14 +219,18 @@ def _export_model_type(cfg: ModelConfig) -> str:
         if want != "gpt2":
             raise HFCheckpointError("model.hf_model_type", f"{want!r} cannot describe arch='gpt2'")
         return want
-    want = cfg.hf_model_type or ("qwen2" if cfg.qkv_bias else "llama")
-    if want not in ("llama", "qwen2", "mistral"):
+    want = cfg.hf_model_type or ("qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama")
+    if want not in ("llama", "qwen2", "qwen3", "mistral"):
         raise HFCheckpointError("model.hf_model_type", f"{want!r} cannot describe arch='llama'")
     if (want == "qwen2") != cfg.qkv_bias:
         raise HFCheckpointError(
             "model.hf_model_type", f"{want!r} with model.qkv_bias={cfg.qkv_bias}: Hugging Face has "
             "q/k/v biases without an o_proj bias only in qwen2",
             "use hf_model_type='qwen2' iff qkv_bias")
+    if (want == "qwen3") != cfg.qk_norm:
+        raise HFCheckpointError(
+            "model.hf_model_type", f"{want!r} with model.qk_norm={cfg.qk_norm}: Hugging Face has "
+            "per-head q/k RMSNorm only in qwen3", "use hf_model_type='qwen3' iff qk_norm")
     return want
 
 
@@ -220,15 +260,20 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_len,
         rms_norm_eps=cfg.norm_eps, hidden_act="silu", attention_dropout=0.0,
-        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta.
+        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta (and rope_scaling).
         rope_theta=cfg.rope_theta,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters={"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
+                         **{k: getattr(cfg, ours) for k, ours in _ROPE_FIELDS[cfg.rope_type].items()}},
     )
+    if cfg.rope_type != "default":
+        out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"}
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
-    elif model_type == "qwen2":
+    elif model_type in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None,
                    layer_types=["full_attention"] * cfg.n_layers)
+        if model_type == "qwen3":
+            out.update(attention_bias=False)
     else:
         out.update(sliding_window=None)
     return out
@@ -316,6 +361,10 @@ def _rules(cfg: ModelConfig, prefix: str) -> list[_Rule]:
             R(("mlp.up_proj.weight",), (("up", "kernel"),), ((F, D),), _t, _t),
             R(("mlp.down_proj.weight",), (("down", "kernel"),), ((D, F),), _t, _t),
         ]
+        if cfg.qk_norm:
+            for name in ("q", "k"):
+                layer.append(R((f"self_attn.{name}_norm.weight",), ((f"{name}_norm", "scale"),),
+                               ((Dh,),), _same, _same))
         if cfg.qkv_bias:
             for name, n in (("q", H), ("k", KV), ("v", KV)):
                 layer.append(R((f"self_attn.{name}_proj.bias",), ((name, "bias"),), ((n * Dh,),),

@@ -1,4 +1,4 @@
-"""One decoder-only transformer for GPT-2 and the Llama family (Llama, Qwen2, Mistral).
+"""One decoder-only transformer for GPT-2 and the Llama family (Llama, Qwen2, Qwen3, Mistral).
 
 The NNX module declares the parameters (shapes, initialisers, logical axis names). The math is
 plain functions over the pure-dict parameter tree, so the same code runs inside pure jitted
@@ -90,6 +90,9 @@ class Transformer(nnx.Module):
                        (L, D) if out_bias else None, ("layers", "embed")),
             "mlp_norm": norm(),
         }
+        if cfg.qk_norm:  # Qwen3: one RMSNorm scale over head_dim, shared by all heads
+            layers["q_norm"] = _Group(scale=p(ones, (L, Dh), ("layers", "head_dim")))
+            layers["k_norm"] = _Group(scale=p(ones, (L, Dh), ("layers", "head_dim")))
         if cfg.is_gpt2:
             layers["fc_in"] = dense((L, D, F), ("layers", "embed", "mlp"), std, (L, F), ("layers", "mlp"))
             layers["fc_out"] = dense((L, F, D), ("layers", "mlp", "embed"), resid_std, (L, D), ("layers", "embed"))
@@ -130,16 +133,39 @@ def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
     return p["scale"].astype(x.dtype) * y.astype(x.dtype)
 
 
-def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def _rope_inv_freq(cfg: ModelConfig, dh: int) -> jax.Array:
+    """RoPE's inverse frequencies [dh/2], with Llama 3's frequency-dependent scaling if set."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if cfg.rope_type == "llama3":
+        # Long wavelengths (low frequencies) are stretched by `factor`, short ones kept, the band
+        # between interpolated (as Hugging Face's `_compute_llama3_parameters`).
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary embedding in the rotate-half layout that Hugging Face Llama checkpoints use."""
-    dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, dh]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def _positional_qk(cfg: ModelConfig, lp: Params, q: jax.Array, k: jax.Array, positions):
+    """q and k [B, T, heads, head_dim] after Qwen3's per-head RMSNorm (if `cfg.qk_norm`) and RoPE."""
+    if cfg.qk_norm:
+        q, k = _norm(cfg, lp["q_norm"], q), _norm(cfg, lp["k_norm"], k)
+    inv_freq = _rope_inv_freq(cfg, q.shape[-1])
+    return _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
 
 
 def _specs(x_ndim: int, k_ndim: int, n_in: int) -> tuple[str, str, str]:
@@ -263,8 +289,7 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         q = _dense(lp["q"], h, "btd,dnh->btnh", dtype)
         k, v = _dense_group(lp, "kv", h, dtype)
     if not cfg.is_gpt2:
-        q = _rope(q, positions, cfg.rope_theta)
-        k = _rope(k, positions, cfg.rope_theta)
+        q, k = _positional_qk(cfg, lp, q, k, positions)
     new_kv = None
     if kv is None:
         attn = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
