@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import lib
-from rlhf_jax import bon, rng
+from rlhf_jax import bon, rng, validation
 from rlhf_jax.errors import UserError
 from rlhf_jax.trainer import Placement
 
@@ -43,18 +43,32 @@ def stage_dirs(config) -> tuple[Path, Path]:
     return dirs["sft"], dirs["rm"]
 
 
+def validate(config) -> None:
+    """Everything the run reads at its end, before the stages it samples from train: the
+    best-of-n size, the gold judge, the prompt count against the held-out prompts, and that
+    sft_from / rm_from come together."""
+    from rlhf_jax import evaluation
+
+    validation.check_best_of_n(config.n, "config.n")
+    judges = tuple(config.eval.judges)
+    evaluation.get_judges(judges, "config.eval.judges")
+    if not config.eval.gold or config.eval.gold not in judges:
+        raise UserError("config.eval.gold", f"{config.eval.gold!r} is not one of config.eval."
+                        f"judges {judges}", "best-of-n needs a gold judge among the judges")
+    validation.check_prompt_count(config.num_prompts, config.prompts, "config.num_prompts",
+                                  "config.prompts")
+    if bool(config.sft_from) != bool(config.rm_from):
+        raise UserError("config.sft_from", "only one of sft_from / rm_from is set",
+                        "give both finished stages, or neither to use the pipeline's")
+
+
 def sample_and_score(config, sft_dir: Path, rm_dir: Path) -> lib.BonSamples:
     """N samples of each of the first `num_prompts` held-out prompts, scored by the RM (proxy
     "rm") and every judge of `config.eval.judges` (`lib.bon_samples`, on the SFT stage's mesh)."""
     from rlhf_jax.data import sources
 
-    n = int(config.n)
-    if n < 1:
-        raise UserError("config.n", f"{n} must be >= 1", "e.g. 16 (256 for Gao et al.'s range)")
-    judges = tuple(config.eval.judges)
-    if not config.eval.gold or config.eval.gold not in judges:
-        raise UserError("config.eval.gold", f"{config.eval.gold!r} is not one of config.eval."
-                        f"judges {judges}", "best-of-n needs a gold judge among the judges")
+    validate(config)
+    n, judges = int(config.n), tuple(config.eval.judges)
     prompts = sources.from_config(config.prompts, "config.prompts").prompts("eval")
     return lib.bon_samples(sft_dir, {"rm": rm_dir}, prompts[:int(config.eval.num_prompts)], n,
                            config.eval, judges,
@@ -82,6 +96,7 @@ def verdict(s: lib.BonSamples, gold: str, n_boot: int, seed: int) -> dict:
 
 def run(config) -> dict:
     t0 = time.perf_counter()
+    validate(config)  # before the stages train (and before the work dir exists)
     root = Path(config.workdir)
     root.mkdir(parents=True, exist_ok=True)
     sft_dir, rm_dir = stage_dirs(config)

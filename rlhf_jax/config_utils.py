@@ -217,6 +217,10 @@ def parse_config_argv(argv: Sequence[str], name: str = "config") -> ml_collectio
                         text.split(": ", 1)[1] if text.startswith("flag ") else text) from e
     if config is None:
         raise UserError(f"--{name}", "is required", f"give --{name}=<file.py[:preset]>")
+    from rlhf_jax import validation
+
+    # An override that another field makes the run ignore (train.steps under train.epochs > 0).
+    validation.check_conflicts(config, validation.override_paths(argv, name), f"--{name}")
     return config
 
 
@@ -272,12 +276,33 @@ def run_with_config(main: Callable[[ml_collections.ConfigDict], Any], name: str 
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("rlhf_jax").setLevel(logging.INFO)
         provenance.allow_changes(allowed)
-        errors.report_user_errors(main, parsed["config"], verbose=verbose)
+        config = parsed["config"]
+        workdir = config.get("workdir") if hasattr(config, "get") else None
+        fresh = bool(workdir) and not Path(workdir).exists()
+        try:
+            errors.report_user_errors(main, config, verbose=verbose)
+        except SystemExit as e:
+            if fresh and e.code == errors.EXIT_USER_ERROR:
+                remove_if_empty(Path(workdir))  # a refused run leaves nothing behind
+            raise
         # absl's app.run exits with whatever `run` returns; a stage's summary dict would be
         # printed to stderr and turned into exit status 1.
         return 0
 
     app.run(run, argv=argv, flags_parser=parser)
+
+
+def remove_if_empty(path: Path) -> bool:
+    """Delete `path` when it is a directory tree holding no files (what a run refused after
+    `mkdir` leaves); anything with a file in it stays. Returns whether it was removed."""
+    import os
+    import shutil
+
+    path = Path(path)
+    if not path.is_dir() or any(files for _, _, files in os.walk(path)):
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 def config_to_dict(config) -> dict:
@@ -448,4 +473,7 @@ def with_epoch_steps(config, n_train: int):
     set_dotted(config, "train.steps", steps)
     set_dotted(config, "optim.warmup_steps", min(config.optim.warmup_steps, steps))
     config.lock()
+    logging.getLogger("rlhf_jax").info(
+        "train.steps = %d: train.epochs=%s over %d examples at batch_size %d", steps,
+        config.train.epochs, n_train, config.train.batch_size)
     return config

@@ -219,8 +219,8 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, verbose = errors.pop_verbose(["convert"] + argv)
-    parser = argparse.ArgumentParser(prog="python -m rlhf_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = errors.ArgumentParser(prog="python -m rlhf_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true",
                         help="print the traceback of an input error too")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,9 +240,9 @@ def main(argv=None) -> int:
                        help="replace a non-empty --dst (it is deleted first)")
         p.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip reading the output back and comparing it bit for bit")
-    args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        args = parser.parse_args(argv[1:])
         if args.command == "hf-to-orbax":
             hf_to_orbax(args.src, args.dst, None if args.dtype == "keep" else args.dtype,
                         overwrite=args.overwrite, verify=args.verify)

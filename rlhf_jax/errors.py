@@ -13,6 +13,8 @@ inside libraries (TFDS, Orbax, tokenizers) are caught where we call them and re-
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import sys
 import traceback
@@ -70,3 +72,22 @@ def report_user_errors(fn: Callable[..., Any], *args, verbose: bool = False, **k
     except UserError as err:
         print_user_error(err, verbose)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose usage errors raise a `UserError` (one line, exit 2 at the
+    entry point) instead of printing the usage block before the message and exiting.
+
+    An unknown flag is named with the closest known one; `--help` still prints the usage."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = message[len(prefix):].split()
+            name = flags[0].split("=", 1)[0]
+            known = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(flags[0], f"is not a flag of {self.prog}",
+                            f"{hint}see {self.prog} --help")
+        raise UserError(self.prog, message, f"see {self.prog} --help")

@@ -1,11 +1,20 @@
-"""Which fields of the shipped configs does no smoke test ever read?
+"""Which fields of the shipped configs does no code read?
 
+    python scripts/unread_config_fields.py --static        # every config, by reading the code (s)
     python scripts/unread_config_fields.py                 # the stage smoke tests (~5 min)
     python scripts/unread_config_fields.py tests/test_rm_stage.py
 
-A developer's check, not part of CI. It runs the given tests (default: every stage's smoke runs
-and the tiny pipeline) with `ml_collections.ConfigDict.__getitem__` (which attribute access goes
-through) recording each read, in the test process and in every subprocess it starts (through a
+`--static` (what CI runs, tests/test_config_fields_read.py): every leaf field of every
+`configs/*.py` (`get_config()` and its bare presets) against the names the code under
+`rlhf_jax/` and `experiments/` reads: attribute loads (`c.train.steps`), constant subscripts
+and `.get("key")`, field-name strings (`"kl.target"`, key tuples such as a builder's accepted
+keys), and f-string keys by their constant prefix (`task[f"num_{split}"]`). Writes (`c.x = 1`)
+and the config files themselves do not count. It is name-based: a new field whose name nothing
+reads is caught; a field sharing its name with one that is read is not (the dynamic check is).
+
+The dynamic check runs the given tests (default: every stage's smoke runs and the tiny
+pipeline) with `ml_collections.ConfigDict.__getitem__` (which attribute access goes through)
+recording each read, in the test process and in every subprocess it starts (through a
 generated `sitecustomize`). Reads made while a config is serialised (`to_dict`, `repr`, JSON) do
 not count. A field is named by the keys of the ConfigDict that holds it plus its own key, so
 copies of a config (the pipeline copies each stage's) count alike.
@@ -16,10 +25,12 @@ only through `to_dict()` by a data builder (builders check their keys themselves
 
 from __future__ import annotations
 
+import ast
 import glob
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,7 +110,72 @@ def unread_fields(tests: list[str], quiet: bool = False) -> tuple[int, dict[str,
     return rc, unread
 
 
+CODE_ROOTS = ("rlhf_jax", "experiments")
+_FIELD_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def static_reads(roots=CODE_ROOTS) -> tuple[set[str], tuple[str, ...]]:
+    """(names the code under `roots` reads, constant prefixes of f-string keys it reads)."""
+    names, prefixes = set(), set()
+    for root in roots:
+        root = Path(root) if Path(root).is_absolute() else ROOT / root
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                    names.add(node.attr)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and _FIELD_STRING.fullmatch(node.value):
+                    names.update(node.value.split("."))
+                elif isinstance(node, ast.JoinedStr) and node.values \
+                        and isinstance(node.values[0], ast.Constant) \
+                        and re.fullmatch(r"\w{3,}", str(node.values[0].value)):
+                    prefixes.add(node.values[0].value)
+    return names, tuple(sorted(prefixes))
+
+
+def config_files() -> list[Path]:
+    return sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+
+
+def shipped_configs() -> dict[str, object]:
+    """{"<file>[:<bare preset>]": config} of every config file: `get_config()` and each bare
+    preset it accepts (`:smoke`, `:tiny`), which can add fields."""
+    from rlhf_jax.errors import UserError
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    out = {}
+    for path in config_files():
+        module = importlib.import_module(f"configs.{path.stem}")
+        if not hasattr(module, "get_config"):
+            continue
+        out[path.stem] = module.get_config()
+        for word in ("smoke", "tiny"):
+            try:
+                out[f"{path.stem}:{word}"] = module.get_config(word)
+            except (UserError, ValueError):  # a preset this file does not take
+                pass
+    return out
+
+
+def static_unread(configs: dict[str, object], roots=CODE_ROOTS) -> dict[str, list[str]]:
+    """{config name: its leaf fields whose key no code under `roots` reads}."""
+    names, prefixes = static_reads(roots)
+    out = {}
+    for name, config in configs.items():
+        out[name] = [path for path, (_, key) in leaf_fields(config)
+                     if key not in names and not key.startswith(prefixes)]
+    return out
+
+
 def main(tests: list[str]) -> int:
+    if tests == ["--static"]:
+        unread = static_unread(shipped_configs())
+        for name, fields in unread.items():
+            if fields:
+                print(f"{name}: {len(fields)} never read" + "".join(f"\n    {p}" for p in fields))
+        print(f"{len(unread)} configs checked; {sum(map(len, unread.values()))} unread fields")
+        return 1 if any(unread.values()) else 0
     rc, unread = unread_fields(tests)
     if rc:
         print(f"pytest exited {rc}; the reads below are from the tests that ran")

@@ -23,14 +23,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlhf_jax import errors
 from rlhf_jax.errors import UserError
 from rlhf_jax.sweep import define, local, slurm, tpu
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_jax.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = errors.ArgumentParser(prog="python -m rlhf_jax.sweep", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)
     p.add_argument("--config", required=True, metavar="FILE.py[:ARG]",
                    help="config file with get_config(arg) and get_sweep(arg)")
     p.add_argument("--workdir", help="sweep directory (default runs/sweeps/<config>[-<arg>])")
