@@ -134,3 +134,63 @@ def test_gradients_reach_only_the_adapter_in_the_compiled_program():
 
     assert weight_grad_dots(full_grad_hlo), "the check cannot fail: no base-gradient dot found"
     assert weight_grad_dots(hlo) == []
+
+
+# ------------------------------------------------------------------------------- the trainer
+
+
+def _trainer(tmp_path, name, **lora_block):
+    from rlhf_jax import config_utils, trainer
+    c = config_utils.base_config()
+    c.workdir = str(tmp_path / name)
+    c.init_from = str(tmp_path / "base")  # recorded as the adapter's base
+    c.lora.update(lora_block)
+    return trainer.Trainer(c, "test", async_checkpoints=False)
+
+
+def _nbytes(tree):
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_lora_state_memory_and_one_base_for_policy_and_reference(tmp_path):
+    from rlhf_jax import optim, trainer as trainer_lib
+    from rlhf_jax import config_utils
+    cfg = _cfg(d_model=64, d_ff=176, n_layers=2, vocab_size=256)
+    opt_cfg = config_utils.base_config().optim
+    sizes = {}
+    for name, rank in (("full", 0), ("lora", 4)):
+        tr = _trainer(tmp_path, name, rank=rank)
+        policy = tr.place(models.init_params(cfg, jax.random.key(0)), models.param_axes(cfg))
+        optimizer = optim.make_optimizer(opt_cfg, 10)
+        state, _ = tr.create_state(policy, models.param_axes(cfg), optimizer)
+        trained = tr._trained(state)
+        sizes[name] = (_nbytes(trained.params), _nbytes(trained.opt_state))
+        if rank:
+            # The frozen base the steps read is the policy's own buffers (the reference a
+            # method passes as `frozen` is the same arrays): one base tree, not two.
+            ptr = lambda t: {x.addressable_shards[0].data.unsafe_buffer_pointer()  # noqa: E731
+                             for x in jax.tree.leaves(t)}
+            assert ptr(lora.strip(tr.lora_base)) == ptr(policy)
+            assert not (ptr(trained.params) & ptr(policy))
+            # A step's jit arguments: trained state + (frozen=reference, base) = the base once.
+            step = trainer_lib.make_train_step(
+                lambda p, f, b, k: (jnp.sum(models.forward(cfg, p, b["t"], b["pos"], b["m"])
+                                            ["logits"][..., 0]), {"count": jnp.float32(1)}),
+                optimizer)
+            jitted = tr.jit_step(step, frozen=policy)
+            batch = tr.to_global({"t": np.zeros((8, 8), np.int32),
+                                  "pos": np.tile(np.arange(8), (8, 1)),
+                                  "m": np.ones((8, 8), bool)})
+            # Distinct device buffers among the step's arguments: base once + adapter + Adam.
+            args = (trained, (policy, tr.lora_base))
+            distinct_bytes = sum({x.addressable_shards[0].data.unsafe_buffer_pointer(): x.nbytes
+                                  for x in jax.tree.leaves(args)}.values())
+            assert distinct_bytes < _nbytes(policy) + 1.2 * (sizes["lora"][0] + sizes["lora"][1])
+            new, metrics = jitted(trained, (policy, tr.lora_base), batch, jax.random.key(0))
+            assert jax.tree.structure(new.params) == jax.tree.structure(trained.params)
+        tr.close()
+    full_t, full_o = sizes["full"]
+    lora_t, lora_o = sizes["lora"]
+    print(f"trainable bytes full={full_t} lora={lora_t}; optimizer bytes full={full_o} "
+          f"lora={lora_o}")
+    assert lora_t < 0.1 * full_t and lora_o < 0.1 * full_o

@@ -74,18 +74,21 @@ def parse_targets(targets: Any, field: str = "config.lora.targets") -> tuple[str
 def spec_from_config(config) -> LoraSpec | None:
     """The `config.lora` block as a LoraSpec, or None when LoRA is off (rank 0 / no block)."""
     block = config.get("lora") if hasattr(config, "get") else None
-    if block is None or int(block.get("rank", 0)) == 0:
+    if block is None:
         return None
-    rank, alpha = int(block.rank), float(block.alpha)
+    rank, alpha = int(block.get("rank", 0)), float(block.get("alpha", 16.0))
+    dropout = float(block.get("dropout", 0.0))
+    targets = block.get("targets", DEFAULT_TARGETS)
+    if rank == 0:
+        return None
     if rank < 0:
         raise UserError("config.lora.rank", f"{rank} is negative", "use 0 (off) or a rank >= 1")
     if alpha <= 0:
         raise UserError("config.lora.alpha", f"{alpha} must be > 0", "PEFT's default is 16")
-    dropout = float(block.get("dropout", 0.0))
     if dropout != 0.0:
         raise UserError("config.lora.dropout", f"{dropout}: LoRA dropout is not implemented "
                         "(the projection gets no random key)", "set config.lora.dropout=0")
-    return LoraSpec(rank, alpha, dropout, parse_targets(block.get("targets", DEFAULT_TARGETS)))
+    return LoraSpec(rank, alpha, dropout, parse_targets(targets))
 
 
 # ------------------------------------------------------------------------------- tree helpers
@@ -122,6 +125,13 @@ def _partition(tree: Mapping, keep: Callable[[tuple], bool], path=()) -> dict:
         elif keep(p):
             out[k] = v
     return out
+
+
+def partition(tree: Mapping, trained: bool) -> dict:
+    """The trained (or frozen) part of a tree that holds adapters, by leaf path (works on a
+    params tree and on its tree of logical axes alike)."""
+    return _partition(tree, (lambda p: _is_trained(p)) if trained
+                      else (lambda p: not _is_trained(p)))
 
 
 def split(tree: Mapping) -> tuple[dict, dict]:
