@@ -136,6 +136,7 @@ def _load_lora_stage(path: str, cfg, meta: dict, init_from: str, shardings, fiel
     # A score head the stage trained replaces the base's (an RM's LoRA stage on an RM base).
     full = lora.join({k: v for k, v in base.params.items()
                       if not (k in lora.TRAINED_HEADS and k in adapter)}, adapter)
+    full = lora.with_scales(full, float(meta["lora"]["alpha"]))
     merged = jax.jit(lora.merge)(full)
     if shardings is None:
         merged = jax.tree.map(np.asarray, merged)

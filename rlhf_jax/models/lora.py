@@ -217,6 +217,18 @@ def attach(params: Mapping, spec: LoraSpec, key: jax.Array,
     return out
 
 
+def with_scales(params: Mapping, alpha: float) -> dict:
+    """`params` with `lora_scale` = alpha / r beside every `lora_a` (a saved adapter holds only
+    the trained A and B; its metadata holds alpha)."""
+    out = _copy_dicts(params)
+    for _, model in _models(out):
+        for p in model["layers"].values():
+            if isinstance(p, dict) and "lora_a" in p:
+                a = p["lora_a"]
+                p["lora_scale"] = np.full((a.shape[0],), float(alpha) / a.shape[-1], np.float32)
+    return out
+
+
 def delta_kernel(p: Mapping) -> jax.Array:
     """scale * A . B as a kernel [L, in..., out...] of the projection dict `p`."""
     a, b = jnp.asarray(p["lora_a"], jnp.float32), jnp.asarray(p["lora_b"], jnp.float32)
