@@ -245,3 +245,72 @@ def test_lora_sft_trains_the_adapter_resumes_exactly_and_hands_off(tmp_path):
                                _logits(merged.cfg, full, batch), atol=1e-5, rtol=0)
     assert float(jnp.max(jnp.abs(_logits(merged.cfg, merged.params, batch)
                                  - _logits(base.cfg, base.params, batch)))) > 1e-4
+
+
+# ------------------------------------------------------------------------------ PEFT round trip
+
+
+def _hf_llama(path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        attn_implementation="eager")).eval()
+    model.save_pretrained(str(path))
+    return model
+
+
+def _torch_logits(model, tokens):
+    import torch
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+def test_peft_export_loads_in_peft_and_peft_adapter_imports(tmp_path):
+    peft = pytest.importorskip("peft")
+    import copy
+    from rlhf_jax import checkpoint, convert, handoff
+    hf_model = _hf_llama(tmp_path / "hf")
+    convert.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "base"))
+    base = handoff.load_policy(str(tmp_path / "base"))
+    cfg = base.cfg
+    tokens = np.random.default_rng(0).integers(0, 96, (2, 10))
+    mask = np.ones_like(tokens, bool)
+    batch = (jnp.asarray(tokens), models.positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+
+    # (a) An adapter made here -> PEFT -> same logits in PyTorch.
+    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=ALL)
+    full = _with_random_b(lora.attach(jax.tree.map(jnp.asarray, base.params), spec,
+                                      jax.random.key(1)), std=0.2)
+    ours = np.asarray(_logits(cfg, full, batch))
+    meta = dict(base.meta, lora={**spec.to_dict(), "base": str(tmp_path / "base")})
+    checkpoint.save_final(tmp_path / "lora_stage", jax.device_get(lora.partition(full, True)),
+                          meta, step=1)
+    convert.export_peft(str(tmp_path / "lora_stage"), str(tmp_path / "peft_out"))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "peft_out"))
+    theirs = _torch_logits(peft_model.eval(), tokens)
+    assert np.max(np.abs(ours - _logits(cfg, base.params, batch))) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # The merged full model (orbax-to-hf of a LoRA stage) loads in transformers alike.
+    convert.orbax_to_hf(str(tmp_path / "lora_stage"), str(tmp_path / "merged_hf"))
+    import transformers
+    merged_hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged_hf")).eval()
+    np.testing.assert_allclose(_torch_logits(merged_hf, tokens), ours, atol=1e-4, rtol=0)
+
+    # (b) A PEFT adapter made in PyTorch (random, non-zero B) -> import -> same logits here.
+    import torch
+    torch.manual_seed(1)
+    pc = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "o_proj",
+                                                            "down_proj"],
+                         init_lora_weights=False, task_type="CAUSAL_LM")
+    made = peft.get_peft_model(copy.deepcopy(hf_model), pc).eval()
+    made.save_pretrained(str(tmp_path / "peft_in"))
+    theirs = _torch_logits(made, tokens)
+    convert.import_peft(str(tmp_path / "base"), str(tmp_path / "peft_in"), str(tmp_path / "imp"))
+    imported = handoff.load_policy(str(tmp_path / "imp"))  # base + adapter, merged
+    np.testing.assert_allclose(np.asarray(_logits(cfg, imported.params, batch)), theirs,
+                               atol=1e-4, rtol=0)
+    assert np.max(np.abs(theirs - _torch_logits(hf_model, tokens))) > 1e-2
