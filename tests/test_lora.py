@@ -314,3 +314,15 @@ def test_peft_export_loads_in_peft_and_peft_adapter_imports(tmp_path):
     np.testing.assert_allclose(np.asarray(_logits(cfg, imported.params, batch)), theirs,
                                atol=1e-4, rtol=0)
     assert np.max(np.abs(theirs - _torch_logits(hf_model, tokens))) > 1e-2
+
+
+def test_default_lora_block_keeps_cache_keys_and_resumes_old_work_dirs():
+    from rlhf_jax import config_utils, provenance
+    c = config_utils.base_config()
+    old = c.to_dict()
+    del old["lora"]  # a config recorded before the block existed
+    assert provenance.strip_neutral(c.to_dict()) == provenance.strip_neutral(old)
+    assert provenance.diff(old, c.to_dict()) == {}
+    c.lora.rank = 4
+    assert "lora.rank" in provenance.diff(old, c.to_dict())
+    assert "lora" in provenance.strip_neutral(c.to_dict())
