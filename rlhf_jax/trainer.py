@@ -450,6 +450,34 @@ class Trainer(Placement):
                                               self.replicated),
                        out_shardings=(state_sh, self.replicated), donate_argnums=0)
 
+    def jit_update(self, update_fn: Callable) -> Callable:
+        """jit `update_fn(params, opt_state, *args) -> (params, opt_state, metrics)` (an on-policy
+        update that takes its own gradients) with the state's shardings, params and optimizer
+        state donated.
+
+        Under LoRA the jitted program takes the trained part (donated) and the frozen base (not
+        donated: the reference shares its arrays) as separate arguments, the base behind
+        `stop_gradient` so no weight gradient of it is computed, and returns only the trained
+        part; the returned function keeps `update_fn`'s signature and full-params result.
+        """
+        out_sh = (self.state_shardings.params, self.state_shardings.opt_state, self.replicated)
+        if self.lora_base is None:
+            return jax.jit(update_fn, donate_argnums=(0, 1), out_shardings=out_sh)
+
+        def inner(trained, rest, opt_state, *args):
+            params = lora.join(trained, jax.lax.stop_gradient(rest))
+            params, opt_state, metrics = update_fn(params, opt_state, *args)
+            return lora.partition(params, True), opt_state, metrics
+
+        jitted = jax.jit(inner, donate_argnums=(0, 2), out_shardings=out_sh)
+
+        def call(params, opt_state, *args):
+            trained, rest = lora.split(params)
+            new, opt_state, metrics = jitted(trained, rest, opt_state, *args)
+            return lora.join(new, rest), opt_state, metrics
+
+        return call
+
     def jit_eval(self, eval_step: Callable, frozen=None, param_shardings=None):
         """jit `eval_step(params, frozen, batch, rng) -> metric sums` (see `make_eval_step`)."""
         param_sh = self.state_shardings.params if param_shardings is None else param_shardings

@@ -326,3 +326,31 @@ def test_default_lora_block_keeps_cache_keys_and_resumes_old_work_dirs():
     c.lora.rank = 4
     assert "lora.rank" in provenance.diff(old, c.to_dict())
     assert "lora" in provenance.strip_neutral(c.to_dict())
+
+
+def test_jit_update_donates_only_the_adapter_and_keeps_the_reference(tmp_path):
+    # An on-policy update that takes its own gradients over the full params (as PPO's does).
+    import optax
+    from rlhf_jax import config_utils, optim
+    cfg = _cfg()
+    tr = _trainer(tmp_path, "upd", rank=4)
+    policy = tr.place(models.init_params(cfg, jax.random.key(0)), models.param_axes(cfg))
+    optimizer = optim.make_optimizer(config_utils.base_config().optim, 10)
+    state, _ = tr.create_state(policy, models.param_axes(cfg), optimizer)
+    tokens, positions, mask = _batch(cfg, B=8)
+
+    def update_fn(params, opt_state, tokens):
+        loss = lambda p: jnp.mean(  # noqa: E731
+            models.forward(cfg, p, tokens, positions, mask)["logits"][..., 0] ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": value}
+
+    update = tr.jit_update(update_fn)
+    params, opt_state, metrics = update(state.params, tr._trained(state).opt_state, tokens)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(policy))  # the reference survives
+    assert params["embed"]["embedding"] is policy["embed"]["embedding"]  # the base, not a copy
+    b0 = state.params["layers"]["q"]["lora_b"]
+    assert b0.is_deleted()  # the trained part was donated ...
+    assert float(jnp.abs(params["layers"]["q"]["lora_b"]).sum()) > 0  # ... and updated
+    tr.close()
