@@ -58,6 +58,14 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10,
     ))
 
+    # LoRA on every trained model of the stage (docs/lora.md): rank 0 = full fine-tuning.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0,
+        alpha=16.0,  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+        dropout=0.0,  # must be 0: LoRA dropout is not implemented
+        targets="q,k,v,o,gate,up,down",  # projections that get an adapter (comma-separated)
+    ))
+
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="",  # "host:port" starts jax.distributed explicitly
         num_processes=1,

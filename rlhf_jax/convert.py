@@ -3,6 +3,8 @@
     python -m rlhf_jax.convert hf-to-orbax --src HF_DIR --dst WORKDIR [--dtype float32]
     python -m rlhf_jax.convert orbax-to-hf --src WORKDIR --dst HF_DIR [--dtype bfloat16]
                                            [--tokenizer-dir DIR] [--no-verify]
+    python -m rlhf_jax.convert export-peft --src LORA_WORKDIR --dst PEFT_DIR
+    python -m rlhf_jax.convert import-peft --base BASE --src PEFT_DIR --dst WORKDIR
 
 Both refuse a non-empty destination unless `--overwrite` is given, which deletes the
 destination first, so nothing stale survives; both then read what they wrote back and check it
@@ -19,12 +21,17 @@ config.json. A score head (reward / value model) goes to `score_head.safetensors
 and a reward model's `reward_norm` (the gain/bias PPO applies to its scores) to
 `reward_norm.json`; `hf-to-orbax` reads both back, so an exported RM scores the same after a
 round trip.
+
+LoRA stages (`--config.lora.rank=R`) save only their adapter: `orbax-to-hf` exports their base
+with the adapter merged in; `export-peft` writes the adapter in PEFT's format, and
+`import-peft` turns a PEFT adapter plus its base into a LoRA stage work dir (docs/lora.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import os
 import shutil
@@ -36,7 +43,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint, errors, models
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import hf
+from rlhf_jax.models import hf, lora
 from rlhf_jax.models.config import DTYPES
 
 log = logging.getLogger(__name__)
@@ -172,6 +179,11 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str
     clear = check_destination(dst, overwrite, keep=(src,))
     try:
         params, meta = checkpoint.load_stage_params(src)
+        if meta.get("lora"):  # a LoRA stage: its base with the adapter merged in
+            from rlhf_jax import handoff
+
+            loaded = handoff.resolve_init(src, field="--src")
+            params, meta = loaded.params, dict(meta, tokenizer_dir=loaded.tokenizer_dir)
     except UserError as e:
         raise UserError("--src", f"{e.where}: {e.what}", e.fix) from e
     if "model_config" not in meta:
@@ -216,6 +228,147 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, tokenizer_dir: str
     return dst
 
 
+# ------------------------------------------------------------------------------ PEFT adapters
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# Our projection -> the Hugging Face Llama-family module PEFT targets.
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                "down": "mlp.down_proj"}
+_PEFT_KEY = "base_model.model.model.layers.{i}.{module}.lora_{ab}.weight"
+
+
+def _peft_model_type(cfg: models.ModelConfig, flag: str) -> None:
+    if cfg.is_gpt2:
+        raise UserError(flag, "PEFT adapters are supported for the Llama family only (GPT-2's "
+                        "fused Conv1D c_attn has no per-projection adapter)",
+                        "export the merged model instead: convert orbax-to-hf")
+
+
+def peft_state_dict(adapter: dict, n_layers: int) -> dict[str, np.ndarray]:
+    """Our adapter (`layers/<t>/lora_a` [L, in..., r], `lora_b` [L, r, out...]) as PEFT tensors:
+    lora_A.weight [r, in_features], lora_B.weight [out_features, r] per layer."""
+    out = {}
+    for t, p in adapter["layers"].items():
+        if "lora_a" not in p:
+            continue
+        a, b = np.asarray(p["lora_a"]), np.asarray(p["lora_b"])
+        r = a.shape[-1]
+        for i in range(n_layers):
+            out[_PEFT_KEY.format(i=i, module=PEFT_MODULES[t], ab="A")] = np.ascontiguousarray(
+                a[i].reshape(-1, r).T)
+            out[_PEFT_KEY.format(i=i, module=PEFT_MODULES[t], ab="B")] = np.ascontiguousarray(
+                b[i].reshape(r, -1).T)
+    return out
+
+
+def export_peft(src: str, dst: str, *, overwrite: bool = False, verify: bool = True) -> str:
+    """Write a LoRA stage's adapter (work dir `src`) as a PEFT adapter directory:
+    `adapter_config.json` + `adapter_model.safetensors`, loadable with
+    `peft.PeftModel.from_pretrained(<the base as a Hugging Face model>, dst)`."""
+    from safetensors.numpy import load_file, save_file
+
+    clear = check_destination(dst, overwrite, keep=(src,))
+    try:
+        adapter, meta = checkpoint.load_stage_params(src)
+    except UserError as e:
+        raise UserError("--src", f"{e.where}: {e.what}", e.fix) from e
+    spec = meta.get("lora")
+    if not spec:
+        raise UserError("--src", f"{src} is not a LoRA stage (no lora metadata)",
+                        "train it with --config.lora.rank=<r>, or export the full model with "
+                        "orbax-to-hf")
+    cfg = models.ModelConfig.from_dict(dict(meta["model_config"]))
+    _peft_model_type(cfg, "--src")
+    extra = sorted(set(adapter) - {"layers"})
+    if extra:
+        log.warning("%s also trained %s (a score head): PEFT's causal-LM adapter leaves it out; "
+                    "export the merged model (orbax-to-hf) to keep it", src, extra)
+    tensors = peft_state_dict(adapter, cfg.n_layers)
+    targets = [t for t in adapter["layers"] if "lora_a" in adapter["layers"][t]]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(spec["rank"]),
+        "lora_alpha": float(spec["alpha"]), "lora_dropout": float(spec.get("dropout", 0.0)),
+        "target_modules": sorted(PEFT_MODULES[t].split(".")[-1] for t in targets),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": str(spec.get("base", "")),
+    }
+    if clear:
+        _clear(dst)
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, PEFT_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(dst, PEFT_WEIGHTS), metadata={"format": "pt"})
+    if verify:
+        back = load_file(os.path.join(dst, PEFT_WEIGHTS))
+        _check_same(tensors, back, "PEFT export", dst)
+    print(f"wrote {dst}: LoRA rank {spec['rank']}, alpha {spec['alpha']}, "
+          f"{len(tensors)} tensors on {','.join(config['target_modules'])}")
+    return dst
+
+
+def import_peft(base: str, src: str, dst: str, *, overwrite: bool = False) -> str:
+    """A PEFT LoRA adapter directory `src` onto the base `base` (a stage work dir, hf:<dir> or
+    zoo:<preset>) -> a LoRA stage in work dir `dst`, which stages load as base + adapter."""
+    from safetensors.numpy import load_file
+
+    from rlhf_jax import handoff
+
+    clear = check_destination(dst, overwrite, keep=(src,))
+    cfg_path = os.path.join(src, PEFT_CONFIG)
+    if not os.path.exists(cfg_path):
+        raise UserError("--src", f"{src} has no {PEFT_CONFIG}", "give a PEFT adapter directory")
+    with open(cfg_path) as f:
+        pc = json.load(f)
+    if pc.get("peft_type", "LORA") != "LORA":
+        raise UserError("--src", f"peft_type {pc.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+        if bool(pc.get(key, ok)) != ok:
+            raise UserError("--src", f"{key}={pc.get(key)} is not supported",
+                            "export a plain LoRA adapter")
+    if pc.get("bias", "none") != "none" or pc.get("modules_to_save"):
+        raise UserError("--src", "adapters that also train biases or whole modules "
+                        "(bias / modules_to_save) are not supported", "merge them in PEFT")
+    if pc.get("rank_pattern") or pc.get("alpha_pattern"):
+        raise UserError("--src", "per-module rank_pattern / alpha_pattern are not supported")
+    loaded = handoff.resolve_init(base, field="--base")
+    cfg = loaded.cfg
+    _peft_model_type(cfg, "--base")
+    weights = load_file(os.path.join(src, PEFT_WEIGHTS))
+    r = int(pc["r"])
+    scale = float(pc["lora_alpha"]) / (math.sqrt(r) if pc.get("use_rslora") else r)
+    full_axes = models.abstract_params(cfg, ("lm",))["layers"]
+    layers: dict = {}
+    for t, module in PEFT_MODULES.items():
+        key = lambda i, ab: _PEFT_KEY.format(i=i, module=module, ab=ab)  # noqa: E731
+        present = [key(i, "A") in weights for i in range(cfg.n_layers)]
+        if not any(present):
+            continue
+        if not all(present):
+            raise UserError("--src", f"{module} has adapters on only some layers",
+                            "adapters on every layer of a projection are supported")
+        kshape = full_axes[t]["kernel"].shape[1:]
+        n_in = lora.TARGET_IN_DIMS[t]
+        ins, outs = kshape[:n_in], kshape[n_in:]
+        a = np.stack([weights[key(i, "A")].T.reshape(*ins, r) for i in range(cfg.n_layers)])
+        b = np.stack([weights[key(i, "B")].T.reshape(r, *outs) for i in range(cfg.n_layers)])
+        dt = np.dtype(cfg.param_dtype)
+        layers[t] = {"lora_a": a.astype(dt), "lora_b": b.astype(dt)}
+    if not layers:
+        raise UserError("--src", f"{PEFT_WEIGHTS} holds no adapter of a Llama-family projection",
+                        f"expected keys like {_PEFT_KEY.format(i=0, module='self_attn.q_proj', ab='A')}")
+    meta = dict(loaded.meta)
+    meta.update(model_config=cfg.to_dict(), init_from=f"peft:{os.path.abspath(src)}",
+                lora={"rank": r, "alpha": scale * r, "dropout": 0.0, "targets": sorted(layers),
+                      "base": base if ":" in base else os.path.abspath(base)})
+    if clear:
+        _clear(dst)
+    out = checkpoint.save_final(dst, {"layers": layers}, meta, step=0)
+    print(f"wrote {out}: PEFT adapter (rank {r}, scale {scale:g}) on {sorted(layers)} over {base}")
+    return str(out)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, verbose = errors.pop_verbose(["convert"] + argv)
@@ -235,7 +388,17 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", default=None, choices=DTYPES, help="cast parameters (default: keep)")
     b.add_argument("--tokenizer-dir", default=None,
                    help="tokenizer to copy (default: the stage metadata's tokenizer_dir)")
-    for p in (a, b):
+    c = sub.add_parser("export-peft", help="LoRA stage work dir -> PEFT adapter dir")
+    c.add_argument("--src", required=True, help="work dir of a LoRA stage (config.lora.rank > 0)")
+    c.add_argument("--dst", required=True, help="directory for adapter_config.json + "
+                   "adapter_model.safetensors")
+    d = sub.add_parser("import-peft", help="PEFT adapter dir + base -> LoRA stage work dir")
+    d.add_argument("--base", required=True, help="the adapter's base: a stage work dir, "
+                   "hf:<dir> or zoo:<preset>")
+    d.add_argument("--src", required=True, help="PEFT adapter directory")
+    d.add_argument("--dst", required=True, help="work dir to create; later stages use "
+                   "init_from=DST (base + adapter)")
+    for p in (a, b, c, d):
         p.add_argument("--overwrite", action="store_true",
                        help="replace a non-empty --dst (it is deleted first)")
         p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -243,7 +406,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         args = parser.parse_args(argv[1:])
-        if args.command == "hf-to-orbax":
+        if args.command == "export-peft":
+            export_peft(args.src, args.dst, overwrite=args.overwrite, verify=args.verify)
+        elif args.command == "import-peft":
+            import_peft(args.base, args.src, args.dst, overwrite=args.overwrite)
+        elif args.command == "hf-to-orbax":
             hf_to_orbax(args.src, args.dst, None if args.dtype == "keep" else args.dtype,
                         overwrite=args.overwrite, verify=args.verify)
         else:

@@ -161,9 +161,34 @@ def resolve_init(init_from: str, *, shardings: Callable | None = None,
         raise UserError(field, f"{init_from!r} has no model_config in its metadata",
                         "is this the work dir of an rlhf_jax stage or a convert hf-to-orbax?")
     cfg = models.ModelConfig.from_dict(dict(meta["model_config"]))
+    if meta.get("lora"):
+        return _load_lora_stage(path, cfg, meta, init_from, shardings, field)
     params, meta = checkpoint.load_stage_params(path, None if shardings is None
                                                 else shardings(cfg))
     return Loaded(cfg, params, meta, init_from)
+
+
+def _load_lora_stage(path: str, cfg, meta: dict, init_from: str, shardings, field: str) -> Loaded:
+    """A LoRA stage's output: its base (`meta["lora"]["base"]`, loaded the same way, so chains
+    of LoRA stages work) with the stage's adapter merged in (W + alpha/r * A . B) and its score
+    head, if it trained one. One full tree results: the next stage's base."""
+    from rlhf_jax.models import lora
+
+    base = resolve_init(str(meta["lora"]["base"]), shardings=shardings,
+                        field=f"{field} (the base of LoRA stage {init_from})")
+    adapter, meta = checkpoint.load_stage_params(path)  # small: host numpy
+    # A score head the stage trained replaces the base's (an RM's LoRA stage on an RM base).
+    full = lora.join({k: v for k, v in base.params.items()
+                      if not (k in lora.TRAINED_HEADS and k in adapter)}, adapter)
+    full = lora.with_scales(full, float(meta["lora"]["alpha"]))
+    merged = jax.jit(lora.merge)(full)
+    if shardings is None:
+        merged = jax.tree.map(np.asarray, merged)
+    else:
+        merged = jax.device_put(merged, shardings(cfg)(jax.eval_shape(lambda: merged)))
+    meta = dict(meta)
+    meta.setdefault("tokenizer_dir", base.meta.get("tokenizer_dir"))
+    return Loaded(cfg, merged, meta, init_from)
 
 
 def _check_tree(loaded: Loaded, heads: tuple[str, ...], field: str) -> None:

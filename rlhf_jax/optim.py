@@ -6,10 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from rlhf_jax.config_utils import OPTIM_SCHEDULES
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import lora
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -53,7 +55,28 @@ def make_optimizer(optim_cfg, total_steps: int,
                                                mask=weight_decay_mask))
     parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(
         learning_rate=make_schedule(optim_cfg, total_steps)))
-    return optax.chain(*parts)
+    return trained_only(optax.chain(*parts))
+
+
+def trained_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to the trained part of a tree that holds LoRA adapters (see
+    `models.lora.split`), zero updates for the frozen rest; the identity wrapper otherwise.
+
+    Its state is `inner`'s state of the trained part alone, so a step that passes the full
+    params (base + adapter) and one that passes only the adapter share one optimizer state.
+    """
+    def init(params):
+        return inner.init(lora.split(params)[0])
+
+    def update(updates, state, params=None):
+        trained, rest = lora.split(updates)
+        p = None if params is None else lora.split(params)[0]
+        new, state = inner.update(trained, state, p)
+        if rest:
+            new = lora.join(new, jax.tree.map(jnp.zeros_like, rest))
+        return new, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def current_lr(opt_state) -> jax.Array | None:

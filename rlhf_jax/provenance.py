@@ -82,6 +82,10 @@ KEY_NEUTRAL: dict[str, tuple] = {
     "source.group_bias": (0.0,),
     "source.length_bias": (0.0,),
     "eval.probes": (0,),  # failure-mode probes of a policy evaluation
+    "lora.rank": (0,),  # LoRA (issue 25): rank 0 = full fine-tuning; the rest its defaults
+    "lora.alpha": (16.0,),
+    "lora.dropout": (0.0,),
+    "lora.targets": ("q,k,v,o,gate,up,down",),
 }
 
 
@@ -99,7 +103,9 @@ def strip_neutral(d: Mapping, prefix: str = "") -> dict:
     for key, value in d.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out[key] = strip_neutral(value, path + ".")
+            sub = strip_neutral(value, path + ".")
+            if sub or not value:  # a block whose every field is neutral goes too (`lora`)
+                out[key] = sub
         elif not is_neutral(path, value):
             out[key] = value
     return out
@@ -179,6 +185,10 @@ def diff(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tuple[Any, A
         if not prefix and key in IGNORED:
             continue
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if isinstance(a, Mapping) and b is _MISSING:  # a block absent on one side: its fields
+            b = {}
+        elif isinstance(b, Mapping) and a is _MISSING:
+            a = {}
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out.update(diff(a, b, path + "."))
         elif a != b and not (_MISSING in (a, b) and is_neutral(path, b if a is _MISSING else a)):

@@ -29,6 +29,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import checkpoint, config_utils, models, provenance, rng, sharding
+from rlhf_jax.models import lora
+from rlhf_jax.errors import UserError
 from rlhf_jax.metrics import MetricWriter, progress_bar, read_metrics, to_python
 from rlhf_jax.optim import current_lr
 
@@ -79,10 +81,16 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     per-microbatch means would not). Microbatch i gets `rng.step_key(rng, MICROBATCH, i)`.
     Metrics: every metric sum / count, plus `loss`, `count`, `grad_norm`, `lr`.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def trained_loss(trained, rest, frozen, mb, key):
+        return loss_fn(lora.join(trained, rest), frozen, mb, key)
+
+    grad_fn = jax.value_and_grad(trained_loss, has_aux=True)
 
     def micro(params, frozen, mb, key):
-        (loss_sum, sums), grads = grad_fn(params, frozen, mb, key)
+        # With a LoRA adapter only the adapter (and score heads) is differentiated; the base is
+        # an argument the gradient never flows to. Without one, `rest` is empty.
+        trained, rest = lora.split(params)
+        (loss_sum, sums), grads = grad_fn(trained, rest, frozen, mb, key)
         if "count" not in sums:
             raise KeyError("loss_fn must return metric_sums with a 'count' entry (the weight, "
                            "e.g. the number of target tokens) — got keys "
@@ -109,8 +117,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), mbs))
         count = sums["count"]
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        trained, rest = lora.split(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        params = lora.join(optax.apply_updates(trained, updates), rest)
         metrics = {k: v / count for k, v in sums.items() if k != "count"}
         metrics["count"] = count
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -295,6 +304,10 @@ class Trainer(Placement):
         self.state_shardings = None
         self.restored_data_state: dict | None = None
         self.final_step: int | None = None  # set by `fit`
+        # LoRA (`config.lora.rank` > 0): the state holds only the adapters (and score heads);
+        # `lora_base` is the frozen rest, placed once, a jit argument of every step.
+        self.lora = lora.spec_from_config(config)
+        self.lora_base: Any = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -313,6 +326,9 @@ class Trainer(Placement):
         extra = jax.tree.map(jnp.asarray, dict(extra or {}))
         abstract_extra = jax.eval_shape(lambda: extra)
         extra_sh = jax.tree.map(lambda _: self.replicated, abstract_extra)
+        if self.lora is not None:
+            return self._create_lora_state(init, param_axes, optimizer, extra, extra_sh,
+                                           abstract_extra)
         abstract_params = jax.eval_shape(init) if callable(init) else jax.eval_shape(
             lambda: init)
         param_sh = self.param_shardings(param_axes, abstract_params)
@@ -348,6 +364,83 @@ class Trainer(Placement):
                                extra=jax.device_put(extra, extra_sh))
         return state, None
 
+    def _create_lora_state(self, init, param_axes, optimizer, extra, extra_sh, abstract_extra):
+        """`create_state` of a LoRA stage: the base (`init`) frozen and never copied, a fresh
+        adapter on `config.lora.targets`; the state (optimizer, checkpoints) holds only the
+        trained part. Returns the state with the full params (base + adapter) as methods see
+        them; `fit` and the jitted steps split it again."""
+        if not self.config.get("init_from"):
+            raise UserError("config.lora.rank", "LoRA needs a base model, but config.init_from "
+                            "is empty", "set config.init_from, or config.lora.rank=0")
+        abstract_base = jax.eval_shape(init) if callable(init) else jax.eval_shape(lambda: init)
+        base_sh = self.param_shardings(param_axes, abstract_base)
+        if callable(init):
+            base = jax.jit(init, out_shardings=base_sh)()
+        else:  # already on the mesh (handoff): device_put is then a no-op, never a copy
+            base = jax.device_put(init, base_sh)
+        key = jax.random.fold_in(self.key(rng.Purpose.INIT), 0x10A)
+        full = lora.attach(base, self.lora, key)
+        axes = lora.adapter_axes(param_axes, full)
+        trained_axes, frozen_axes = lora.partition(axes, True), lora.partition(axes, False)
+        abstract_trained = jax.eval_shape(lambda: lora.partition(full, True))
+        trained_sh = self.param_shardings(trained_axes, abstract_trained)
+        frozen_part = lora.partition(full, False)
+        self.lora_base = jax.device_put(frozen_part, self.param_shardings(
+            frozen_axes, jax.eval_shape(lambda: frozen_part)))
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_trained)
+        opt_sh = opt_state_shardings(abstract_opt, abstract_trained, trained_sh, self.mesh)
+        self.state_shardings = TrainState(step=self.replicated, params=trained_sh,
+                                          opt_state=opt_sh, extra=extra_sh)
+        init_from = str(self.config.init_from)
+        if not init_from.startswith("hf:") and ":" not in init_from and Path(init_from).exists():
+            init_from = str(Path(init_from).absolute())
+        self.metadata["lora"] = {**self.lora.to_dict(), "base": init_from}
+        if self.resume_step is not None:
+            abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                                  params=abstract_trained, opt_state=abstract_opt,
+                                  extra=abstract_extra)
+            state, data_state, _ = self.checkpointer.restore(
+                checkpoint.abstract_tree(abstract, self.state_shardings), self.resume_step)
+            log.info("resumed %s (LoRA adapter) from %s at step %d", self.stage,
+                     self.checkpointer.directory, self.resume_step)
+            self.restored_data_state = data_state
+            return self._full(state), data_state
+        # Copies: the trained part is donated by the train step, and a score head may be shared
+        # with a frozen tree (PPO's value head starts as the RM's).
+        trained = jax.device_put(lora.partition(full, True), trained_sh, may_alias=False)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trained)
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
+                           params=trained, opt_state=opt_state,
+                           extra=jax.device_put(extra, extra_sh))
+        log.info("%s: LoRA rank %d on %s: %s trained parameters, the %s-parameter base frozen",
+                 self.stage, self.lora.rank, ",".join(self.lora.targets),
+                 f"{models.param_count(trained):,}", f"{models.param_count(base):,}")
+        return self._full(state), None
+
+    def _full(self, state):
+        """A LoRA state with the frozen base joined in (the full params a method sees)."""
+        if self.lora_base is None or state is None:
+            return state
+        return state.replace(params=lora.join(state.params, self.lora_base))
+
+    def _trained(self, state):
+        """A state with only its trained part (what the jitted step, optimizer and checkpoints
+        hold); the identity without LoRA."""
+        if self.lora_base is None:
+            return state
+        return state.replace(params=lora.partition(state.params, True))
+
+    def _lora_step(self, step_fn: Callable) -> Callable:
+        """`step(state, (frozen, base), batch, rng)` around a method's `step_fn`: the step sees the
+        full params; what it returns is cut back to the trained part."""
+        def step(state, frozen_and_base, batch, key):
+            frozen, base = frozen_and_base
+            new, metrics = step_fn(state.replace(params=lora.join(state.params, base)), frozen,
+                                   batch, key)
+            return new.replace(params=lora.partition(new.params, True)), metrics
+
+        return step
+
     # -- jit -----------------------------------------------------------------------------------
 
     def jit_step(self, step_fn: Callable, frozen=None, state_shardings=None,
@@ -359,13 +452,45 @@ class Trainer(Placement):
             raise ValueError("jit_step needs state shardings: call create_state first or pass "
                              "state_shardings")
         batch_sh = self.batch_sharding if batch_shardings is None else batch_shardings
+        if self.lora_base is not None:  # called as step(state, (frozen, base), batch, rng)
+            step_fn, frozen = self._lora_step(step_fn), (frozen, self.lora_base)
         return jax.jit(step_fn, in_shardings=(state_sh, self.shardings_of(frozen), batch_sh,
                                               self.replicated),
                        out_shardings=(state_sh, self.replicated), donate_argnums=0)
 
+    def jit_update(self, update_fn: Callable) -> Callable:
+        """jit `update_fn(params, opt_state, *args) -> (params, opt_state, metrics)` (an on-policy
+        update that takes its own gradients) with the state's shardings, params and optimizer
+        state donated.
+
+        Under LoRA the jitted program takes the trained part (donated) and the frozen base (not
+        donated: the reference shares its arrays) as separate arguments, the base behind
+        `stop_gradient` so no weight gradient of it is computed, and returns only the trained
+        part; the returned function keeps `update_fn`'s signature and full-params result.
+        """
+        out_sh = (self.state_shardings.params, self.state_shardings.opt_state, self.replicated)
+        if self.lora_base is None:
+            return jax.jit(update_fn, donate_argnums=(0, 1), out_shardings=out_sh)
+
+        def inner(trained, rest, opt_state, *args):
+            params = lora.join(trained, jax.lax.stop_gradient(rest))
+            params, opt_state, metrics = update_fn(params, opt_state, *args)
+            return lora.partition(params, True), opt_state, metrics
+
+        jitted = jax.jit(inner, donate_argnums=(0, 2), out_shardings=out_sh)
+
+        def call(params, opt_state, *args):
+            trained, rest = lora.split(params)
+            new, opt_state, metrics = jitted(trained, rest, opt_state, *args)
+            return lora.join(new, rest), opt_state, metrics
+
+        return call
+
     def jit_eval(self, eval_step: Callable, frozen=None, param_shardings=None):
         """jit `eval_step(params, frozen, batch, rng) -> metric sums` (see `make_eval_step`)."""
         param_sh = self.state_shardings.params if param_shardings is None else param_shardings
+        if param_shardings is None and self.lora_base is not None:  # eval sees the full params
+            param_sh = lora.join(param_sh, self.shardings_of(self.lora_base))
         return jax.jit(eval_step, in_shardings=(param_sh, self.shardings_of(frozen),
                                                 self.batch_sharding, self.replicated),
                        out_shardings=self.replicated)
@@ -446,6 +571,16 @@ class Trainer(Placement):
         cfg = self.config.train
         num_steps = cfg.steps if num_steps is None else int(num_steps)
         step_impl = self.jit_step(step_fn, frozen) if jit else step_fn
+        if self.lora_base is not None:
+            # The loop carries the trained part only; the method's code sees the full params.
+            state = self._trained(state)
+            if not jit:
+                step_impl = self._lora_step(step_fn)
+            frozen = (frozen, self.lora_base)
+            user_eval, user_final = eval_fn, final_params
+            eval_fn = None if user_eval is None else (lambda st: user_eval(self._full(st)))
+            final_params = lambda st: (self._full(st).params if user_final is None  # noqa: E731
+                                       else user_final(self._full(st)))
         if restore_iterator and self.restored_data_state and hasattr(train_iter, "set_state"):
             train_iter.set_state(self.restored_data_state)
         start = int(jax.device_get(state.step))
@@ -543,7 +678,7 @@ class Trainer(Placement):
                              "eval": eval_metrics})
         self.writer.write_summary(self.summary)
         self.writer.flush()
-        return state
+        return self._full(state)
 
     def final_metadata(self) -> dict | None:
         """The hand-off's metadata when `workdir/final` holds this run's last step, else None
@@ -553,7 +688,12 @@ class Trainer(Placement):
         return checkpoint.load_stage_metadata(self.workdir, field="config.workdir")
 
     def save_final(self, params) -> None:
-        """Write `params` and `self.metadata` to `workdir/final` at this run's last step."""
+        """Write `params` and `self.metadata` to `workdir/final` at this run's last step.
+
+        A LoRA stage writes only the trained part (adapter, score head); its metadata's
+        `lora.base` names the base that `handoff` joins it to."""
+        if self.lora_base is not None and lora.has_adapter(params):
+            params = lora.partition(params, True)
         checkpoint.save_final(self.workdir, params, self.metadata, self.final_step)
 
     def close(self) -> None:

@@ -216,19 +216,37 @@ _low_precision_project.defvjp(_low_precision_project_fwd, _low_precision_project
 
 
 def _project(x: jax.Array, kernel: jax.Array, spec: str, dtype,
-             bias: jax.Array | None = None) -> jax.Array:
+             bias: jax.Array | None = None, lora: Params | None = None) -> jax.Array:
     """einsum(spec, x, kernel) (+ bias) in the compute dtype `dtype`; `spec` contracts the last
-    dims of x with the first of kernel ("btd,df->btf", "btnh,nhd->btd")."""
+    dims of x with the first of kernel ("btd,df->btf", "btnh,nhd->btd").
+
+    `lora`: a low-rank adapter of this projection ({"lora_a", "lora_b", "lora_scale"}, see
+    `rlhf_jax.models.lora`), added as `scale * (x . A) . B`. The kernel is then read only, never
+    differentiated by a LoRA step (its gradient is not part of the trained tree).
+    """
     dtype = jnp.dtype(dtype)
+    n_in = len(spec.split(",")[0].replace("...", "")) - 2  # leading dims: b, t
     if dtype != jnp.float32:
-        n_in = len(spec.split(",")[0].replace("...", "")) - 2  # leading dims: b, t
-        return _low_precision_project(x, kernel, bias, n_in, dtype.name)
-    y = jnp.einsum(spec, x, kernel.astype(dtype))
-    return y if bias is None else y + bias.astype(dtype)
+        y = _low_precision_project(x, kernel, bias, n_in, dtype.name)
+    else:
+        y = jnp.einsum(spec, x, kernel.astype(dtype))
+        y = y if bias is None else y + bias.astype(dtype)
+    return y if lora is None else y + _lora_delta(lora, x, n_in, dtype)
+
+
+def _lora_delta(lora: Params, x: jax.Array, n_in: int, dtype) -> jax.Array:
+    """scale * (x . A) . B: A [in..., r] contracts x's last `n_in` dims, B [r, out...]."""
+    t = jnp.tensordot(x.astype(dtype), lora["lora_a"].astype(dtype), axes=n_in)
+    d = jnp.tensordot(t, lora["lora_b"].astype(dtype), axes=1)
+    return (d * lora["lora_scale"].astype(dtype)).astype(dtype)
+
+
+def _lora_of(p: Params) -> Params | None:
+    return p if "lora_a" in p else None
 
 
 def _dense(p: Params, x: jax.Array, spec: str, dtype) -> jax.Array:
-    return _project(x, p["kernel"], spec, dtype, p.get("bias"))
+    return _project(x, p["kernel"], spec, dtype, p.get("bias"), _lora_of(p))
 
 
 # Below this many tokens per call (decode steps), projections stay separate matmuls: stacking
@@ -268,7 +286,9 @@ def _dense_group(lp: Params, group: str, x: jax.Array, dtype) -> list[jax.Array]
             return [_dense(p, x, "btd,d...->bt...", dtype) for p in ps]
         stacked = _stack_group(ps)
     y = _project(x, stacked["kernel"], "btd,dc...->btc...", dtype, stacked.get("bias"))
-    return [y[:, :, i] for i in range(len(ps))]
+    # LoRA adapters (if any) stay per projection: the stacked kernels are the base's.
+    return [y[:, :, i] if _lora_of(p) is None else y[:, :, i] + _lora_delta(p, x, 1, dtype)
+            for i, p in enumerate(ps)]
 
 
 def _dropout(x, rate, rng):
@@ -312,7 +332,7 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         p = jax.nn.softmax(s, axis=-1).astype(dtype)
         o = jnp.einsum("bkgts,bksh->bkgth", p, v_cache.astype(dtype))
         attn = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Dh)
-    attn_out = _project(attn, lp["o"]["kernel"], "btnh,nhd->btd", dtype, lp["o"].get("bias"))
+    attn_out = _dense(lp["o"], attn, "btnh,nhd->btd", dtype)
     r1, r2 = (None, None) if rng is None else tuple(jax.random.split(rng))
     x = x + _dropout(attn_out, cfg.dropout, r1)
     h = _norm(cfg, lp["mlp_norm"], x)
