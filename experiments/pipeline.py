@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from experiments import lib
-from rlhf_jax import registry, zoo
+from rlhf_jax import registry, validation, zoo
 from rlhf_jax.trainer import Placement
 
 
@@ -53,6 +53,8 @@ def validate(config) -> None:
         module = registry.load(m)
         if hasattr(module, "validate_config"):
             module.validate_config(cfg)
+    # What only matters at the end (best-of-n sizes, the comparison's prompt count), checked now.
+    validation.check_comparison(config, [m.name for m in methods(config)])
 
 
 def base_stages(config) -> tuple[dict[str, Path], object]:
@@ -90,10 +92,10 @@ def run_stages(config) -> dict[str, Path]:
 
 def run(config) -> dict:
     t0 = time.perf_counter()
+    names = [m.name for m in methods(config)]
+    validate(config)  # before anything is written: a refused run leaves no work dir
     root = Path(config.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    names = [m.name for m in methods(config)]
-    validate(config)
     dirs = run_stages(config)
     t_stages = time.perf_counter() - t0
     policies = {m.name: (dirs[m.name] if m.trains else lib.BestOfN(int(config[m.block].n)))

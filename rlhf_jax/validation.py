@@ -133,7 +133,10 @@ def check_comparison(config, methods: Sequence[str]) -> None:
     """The end of a pipeline-style run (`experiments.pipeline`): `config.bon.n` when best-of-n
     is among `methods`, and `config.eval.num_prompts` against `config.eval.prompts`. Call it
     with the stage checks, before the first stage trains."""
-    if "bon" in methods:
-        check_best_of_n(config.bon.n, "config.bon.n")
+    from rlhf_jax import registry
+
+    for m in registry.parse(",".join(methods)) if methods else ():
+        if not m.trains:  # best-of-n: a policy made at comparison time, of size config.<block>.n
+            check_best_of_n(config[m.block][m.knob], f"config.{m.block}.{m.knob}")
     check_prompt_count(config.eval.num_prompts, config.eval.prompts,
                        "config.eval.num_prompts", "config.eval.prompts")
