@@ -351,6 +351,7 @@ class Trainer(Placement):
             raise ValueError("jit_step needs state shardings: call create_state first or pass "
                              "state_shardings")
         batch_sh = self.batch_sharding if batch_shardings is None else batch_shardings
+        step_fn = sharding.activation_sharding(step_fn, self.mesh, self.rules)
         return jax.jit(step_fn, in_shardings=(state_sh, self.shardings_of(frozen), batch_sh,
                                               self.replicated),
                        out_shardings=(state_sh, self.replicated), donate_argnums=0)
@@ -358,6 +359,7 @@ class Trainer(Placement):
     def jit_eval(self, eval_step: Callable, frozen=None, param_shardings=None):
         """jit `eval_step(params, frozen, batch, rng) -> metric sums` (see `make_eval_step`)."""
         param_sh = self.state_shardings.params if param_shardings is None else param_shardings
+        eval_step = sharding.activation_sharding(eval_step, self.mesh, self.rules)
         return jax.jit(eval_step, in_shardings=(param_sh, self.shardings_of(frozen),
                                                 self.batch_sharding, self.replicated),
                        out_shardings=self.replicated)
