@@ -227,7 +227,15 @@ class Builder:
         self.cfg = cfg.replace(param_dtype=opts.param_dtype, dtype=opts.dtype, remat=opts.remat,
                                scan_layers=opts.scan_layers)
         self.opts = opts
-        self.mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, opts.mesh)), devices)
+        try:
+            self.mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, opts.mesh)), devices)
+        except NotImplementedError:  # a mesh axis that splits a physical torus axis
+            from jax.experimental import mesh_utils
+
+            shape = sharding.mesh_shape(dict(zip(sharding.MESH_AXES, opts.mesh)), len(devices))
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            self.mesh = jax.sharding.Mesh(grid, sharding.MESH_AXES, axis_types=(
+                jax.sharding.AxisType.Auto,) * 3)
         self.rules = sharding.DEFAULT_RULES
         self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
         self.rep = NamedSharding(self.mesh, P())
@@ -745,7 +753,9 @@ def describe(pl: Plan) -> str:
 
 def shortfall(plans: list[Plan]) -> str:
     best = min(plans, key=lambda p: p.peak)
-    return (f"does not fit anywhere on this topology: the smallest configuration "
+    where = ("anywhere on this topology: the smallest configuration" if len(plans) > 1
+             else "with")
+    return (f"does not fit {where} "
             f"({best.override()}) needs {_g(best.peak)} GiB per chip, "
             f"{_g(-best.headroom)} GiB more than the {_g(best.chip.hbm_bytes)} GiB of HBM")
 
@@ -772,24 +782,28 @@ TABLE_STAGES = {"sft": dict(batch=256, seq=2048), "rm": dict(batch=128, seq=2048
                 "grpo": dict(batch=64, samples=4, prompt_len=1024, response_len=1024)}
 
 
-def scale_table(compile_top: int = 0, out=sys.stdout) -> None:
+def scale_table(compile_top: int = 0, models_=TABLE_MODELS, out=sys.stdout) -> None:
     """The scale table of docs/scaling.md: every stage x model x topology, best screened
-    configuration (compile_top=0: resident memory exact, activations estimated)."""
+    configuration (compile_top=0: resident memory exact, activations estimated). The table
+    searches remat=full and 1 or 4 microbatches (the full search is the per-row command)."""
     print("| stage | model | slice | fits | mesh (d,f,t) remat mb | GiB/chip | step s (bound) | "
           "MFU bound | decode tok/s/chip | regenerate |", file=out)
     print("|---|---|---|---|---|---|---|---|---|---|", file=out)
     for stage, kw in TABLE_STAGES.items():
-        for model in TABLE_MODELS:
+        for model in models_:
             for topo in TABLE_TOPOLOGIES:
                 cfg = model_config(model)
                 opts = Options(stage=stage, **kw)
                 chip = chip_of(topo)
-                plans = search(cfg, opts, topology_devices(topo), chip, compile_top)
+                plans = search(cfg, opts, topology_devices(topo), chip, compile_top,
+                               remats=("full",), microbatches=(1, 4))
                 pl = plans[0]
                 flags = " ".join(f"--{k}={v}" for k, v in kw.items())
                 cmd = (f"`python -m rlhf_jax.plan --stage={stage} --model={model} "
                        f"--topology={topo} {flags}`")
-                name = f"{topo.split(':')[0]}-{len(topology_devices(topo))}"
+                # Slice names count chips for v5e / v6e and TensorCores (2 per chip) for v5p / v4.
+                gen, n_dev = topo.split(":")[0], len(topology_devices(topo))
+                name = f"{gen}-{n_dev * (2 if gen in ('v5p', 'v4') else 1)}"
                 if not pl.fits:
                     print(f"| {stage} | {model} | {name} | no: short "
                           f"{_g(-pl.headroom)} GiB/chip | | {_g(pl.peak)} | | | | {cmd} |",
@@ -825,11 +839,13 @@ def main(argv=None) -> int:
     ap.add_argument("--smallest", action="store_true",
                     help="find the smallest slice of the topology's generation that fits")
     ap.add_argument("--table", action="store_true", help="print the scale table (docs/scaling.md)")
+    ap.add_argument("--table_models", default="", help="--table: comma-separated models")
     ap.add_argument("--table_compile", type=int, default=0,
                     help="--table: compile this many best configurations per row (0: screen only)")
     a = ap.parse_args(argv)
     if a.table:
-        scale_table(a.table_compile)
+        scale_table(a.table_compile, a.table_models.split(",") if a.table_models
+                    else TABLE_MODELS)
         return 0
     if jax.default_backend() != "cpu":
         print("note: the planner compiles for TPU from any host; run it with JAX_PLATFORMS=cpu",
