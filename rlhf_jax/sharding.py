@@ -7,6 +7,9 @@ logical axis names (`batch`, `length`, `embed`, `vocab`, `heads`, `kv_heads`, `h
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import math
 import os
@@ -217,10 +220,71 @@ def logical_to_shardings(axes_tree, mesh: jax.sharding.Mesh, rules: Rules | None
     return jax.tree.map(one, axes_tree, shapes, is_leaf=is_axes_leaf)
 
 
-def constrain(x, axes: Sequence[str | None], mesh: jax.sharding.Mesh, rules: Rules | None = None):
-    """`with_sharding_constraint` from logical names (for activations inside a jitted step)."""
+# The mesh and rules that `constrain` uses when it is not given them: set while a step is traced
+# (`activation_sharding`), so model code names logical axes only and a mesh shape changes no code.
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("activation_mesh",
+                                                                  default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: jax.sharding.Mesh | None, rules: Rules | None = None):
+    """Within this block (while a jitted function is traced), `constrain` places activations on
+    `mesh` by `rules`. `mesh=None` turns the constraints off."""
+    token = _ACTIVATION_MESH.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def activation_sharding(fn, mesh: jax.sharding.Mesh | None, rules: Rules | None = None):
+    """`fn` traced under `activation_mesh(mesh, rules)`: wrap a step before `jax.jit`, so every
+    trace of that jitted function (it is a new function object, so its jit cache is its own)
+    constrains the model's activations on `mesh`."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_mesh(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _current_mesh():
+    ctx = _ACTIVATION_MESH.get()
+    if ctx is not None:
+        return ctx
+    # A mesh set with `jax.set_mesh` (part of jit's cache key) also works, with the default rules.
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract is not None and not abstract.empty and set(abstract.axis_names) <= set(MESH_AXES):
+        return abstract, None
+    return None
+
+
+def constrain(x, axes: Sequence[str | None], mesh: jax.sharding.Mesh | None = None,
+              rules: Rules | None = None):
+    """`with_sharding_constraint` from logical names (for activations inside a jitted step).
+
+    Without `mesh`, the mesh of the enclosing `activation_mesh` (or `jax.set_mesh`) is used; with
+    neither, `x` is returned unchanged (one device, or a caller that places nothing). Mesh axes
+    of size 1 and dims they do not divide are left unconstrained.
+    """
+    if mesh is None:
+        ctx = _current_mesh()
+        if ctx is None:
+            return x
+        mesh, ctx_rules = ctx
+        rules = ctx_rules if rules is None else rules
+    if len(axes) != x.ndim:
+        raise ValueError(f"logical axes {tuple(axes)} do not match an activation of shape "
+                         f"{tuple(x.shape)}")
+    if all(mesh.shape[a] == 1 for a in mesh.axis_names):
+        return x
     spec = logical_to_spec(axes, rules, x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    sharding = (NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

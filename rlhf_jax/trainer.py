@@ -454,6 +454,7 @@ class Trainer(Placement):
         batch_sh = self.batch_sharding if batch_shardings is None else batch_shardings
         if self.lora_base is not None:  # called as step(state, (frozen, base), batch, rng)
             step_fn, frozen = self._lora_step(step_fn), (frozen, self.lora_base)
+        step_fn = sharding.activation_sharding(step_fn, self.mesh, self.rules)
         return jax.jit(step_fn, in_shardings=(state_sh, self.shardings_of(frozen), batch_sh,
                                               self.replicated),
                        out_shardings=(state_sh, self.replicated), donate_argnums=0)
@@ -491,6 +492,7 @@ class Trainer(Placement):
         param_sh = self.state_shardings.params if param_shardings is None else param_shardings
         if param_shardings is None and self.lora_base is not None:  # eval sees the full params
             param_sh = lora.join(param_sh, self.shardings_of(self.lora_base))
+        eval_step = sharding.activation_sharding(eval_step, self.mesh, self.rules)
         return jax.jit(eval_step, in_shardings=(param_sh, self.shardings_of(frozen),
                                                 self.batch_sharding, self.replicated),
                        out_shardings=self.replicated)

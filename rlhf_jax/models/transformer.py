@@ -20,9 +20,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
+
+# Logical axes of the activations (rlhf_jax.sharding's rules table maps them to mesh axes while a
+# step is traced under `sharding.activation_mesh`; outside one they are no-ops).
+RESIDUAL = ("batch", "length", "embed")
+Q_AXES = ("batch", "length", "heads", "head_dim")
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+MLP_AXES = ("batch", "length", "mlp")
+LOGITS_AXES = ("batch", "length", "vocab")
+_constrain = sharding.constrain
 
 _normal = nnx.initializers.normal
 
@@ -310,6 +320,8 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         k, v = _dense_group(lp, "kv", h, dtype)
     if not cfg.is_gpt2:
         q, k = _positional_qk(cfg, lp, q, k, positions)
+    q = _constrain(q, Q_AXES)
+    k, v = _constrain(k, KV_AXES), _constrain(v, KV_AXES)
     new_kv = None
     if kv is None:
         attn = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
@@ -332,17 +344,19 @@ def _block(cfg: ModelConfig, lp: Params, x, positions, attn_mask, kv=None, cache
         p = jax.nn.softmax(s, axis=-1).astype(dtype)
         o = jnp.einsum("bkgts,bksh->bkgth", p, v_cache.astype(dtype))
         attn = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Dh)
+    attn = _constrain(attn, Q_AXES)
     attn_out = _dense(lp["o"], attn, "btnh,nhd->btd", dtype)
     r1, r2 = (None, None) if rng is None else tuple(jax.random.split(rng))
-    x = x + _dropout(attn_out, cfg.dropout, r1)
+    x = _constrain(x + _dropout(attn_out, cfg.dropout, r1), RESIDUAL)
     h = _norm(cfg, lp["mlp_norm"], x)
     if cfg.is_gpt2:
         m = jax.nn.gelu(_dense(lp["fc_in"], h, "btd,df->btf", dtype), approximate=True)
-        m = _dense(lp["fc_out"], m, "btf,fd->btd", dtype)
+        m = _dense(lp["fc_out"], _constrain(m, MLP_AXES), "btf,fd->btd", dtype)
     else:
         gate, up = _dense_group(lp, "gate_up", h, dtype)
-        m = _dense(lp["down"], jax.nn.silu(gate) * up, "btf,fd->btd", dtype)
-    x = x + _dropout(m, cfg.dropout, r2)
+        m = _constrain(jax.nn.silu(gate) * up, MLP_AXES)
+        m = _dense(lp["down"], m, "btf,fd->btd", dtype)
+    x = _constrain(x + _dropout(m, cfg.dropout, r2), RESIDUAL)
     return x, new_kv
 
 
@@ -391,6 +405,7 @@ def forward(
     if dropout_rng is not None:
         dropout_rng, r = jax.random.split(dropout_rng)
         x = _dropout(x, cfg.dropout, r)
+    x = _constrain(x, RESIDUAL)
 
     if cache is None:
         slots = jnp.arange(T)
@@ -452,8 +467,11 @@ def lm_head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
 
 def lm_logits(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V] of final hidden states [..., D] (any subset of positions)."""
-    return jnp.einsum("...d,dv->...v", hidden.astype(jnp.dtype(cfg.dtype)),
-                      lm_head_weight(cfg, params), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", hidden.astype(jnp.dtype(cfg.dtype)),
+                        lm_head_weight(cfg, params), preferred_element_type=jnp.float32)
+    if logits.ndim == 3:
+        logits = _constrain(logits, LOGITS_AXES)
+    return logits
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
