@@ -312,11 +312,20 @@ def run(argv: Sequence[str]) -> dict:
     argv, workers, compile_cache = list(argv), 0, True
     for a in list(argv[1:]):
         if a.startswith("--workers="):
-            workers = int(a.split("=", 1)[1])
+            value = a.split("=", 1)[1]
+            if not value.isdigit():
+                raise UserError("--workers", f"{value!r} is not a worker count",
+                                "give 0 (in this process) or a number of processes")
+            workers = int(value)
             argv.remove(a)
         elif a == "--no_compile_cache":
             compile_cache = False
             argv.remove(a)
+        elif not (a.startswith("--config=") or a.startswith("--config.") or a == "--config"
+                  or argv[argv.index(a) - 1] == "--config"):
+            raise UserError(a.split("=", 1)[0], "is not a flag of experiments.weak_to_strong",
+                            "use --config=<file>[:<preset>], --config.<field>=<value>, "
+                            "--workers=N or --no_compile_cache")
     if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
         argv.insert(1, f"--config={DEFAULT_CONFIG}")
     spec = next(a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config="))
@@ -326,6 +335,16 @@ def run(argv: Sequence[str]) -> dict:
         # the default's budget; `:diagonal=True` runs them as the reference sweep does.
         arg = ",".join(x for x in (arg, "diagonal=False") if x)
     base_args = [a for a in argv[1:] if a.startswith("--config.")]
+    # --config.workdir names the study's root (the preset key `root`): every trial, the shared
+    # weak supervisors and the outputs go under it.
+    workdir = next((a.split("=", 1)[1] for a in base_args if a.startswith("--config.workdir=")),
+                   None)
+    if workdir is not None:
+        if "root" in config_utils.parse_preset(arg):
+            raise UserError("--config.workdir", "and the preset key `root` both name the study's "
+                            "directory", "give one of them")
+        base_args = [a for a in base_args if not a.startswith("--config.workdir=")]
+        arg = ",".join(x for x in (arg, f"root={workdir}") if x)
     config = config_utils.parse_config_argv([argv[0], f"--config={config_file}:{arg}",
                                              *base_args])
     items = sweep.load_sweep(config_file, arg)

@@ -30,7 +30,6 @@ shared parts (ops, lm_head, trainer) with the same shapes and shardings as the s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -46,7 +45,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhf_jax import models, ops, sharding, trainer
+from rlhf_jax import errors, models, ops, sharding, trainer
+from rlhf_jax.models import presets
 from rlhf_jax.errors import UserError
 
 GiB = 2 ** 30
@@ -104,36 +104,20 @@ def topology_devices(topology: str, num_slices: int = 1):
 
 # ---------------------------------------------------------------------------------- models
 
-# Real-size configurations from the published hyperparameters (the model cards' config.json).
-# Defined here for the planner; Hugging Face conversion of these families lives in models/hf.py.
-MODELS: dict[str, models.ModelConfig] = {
-    # Qwen2.5-0.5B: 24 layers, d 896, 14 heads / 2 kv, d_ff 4864, vocab 151936, tied.
-    "qwen2.5-0.5b": models.ModelConfig(arch="llama", vocab_size=151936, d_model=896, n_layers=24,
-                                       n_heads=14, n_kv_heads=2, d_ff=4864, qkv_bias=True,
-                                       tie_embeddings=True, rope_theta=1e6, max_len=32768),
-    # Qwen3-1.7B: 28 layers, d 2048, 16 heads / 8 kv, head_dim 128, d_ff 6144, vocab 151936,
-    # tied (q/k RMSNorm is a few thousand parameters; ignored here).
-    "qwen3-1.7b": models.ModelConfig(arch="llama", vocab_size=151936, d_model=2048, n_layers=28,
-                                     n_heads=16, n_kv_heads=8, head_dim=128, d_ff=6144,
-                                     tie_embeddings=True, rope_theta=1e6, max_len=40960),
-    # Llama-3.1-8B: 32 layers, d 4096, 32 heads / 8 kv, d_ff 14336, vocab 128256, untied.
-    "llama-3.1-8b": models.ModelConfig(arch="llama", vocab_size=128256, d_model=4096,
-                                       n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
-                                       tie_embeddings=False, rope_theta=5e5, max_len=131072),
-    # Llama-3.1-70B: 80 layers, d 8192, 64 heads / 8 kv, d_ff 28672, vocab 128256, untied.
-    "llama-3.1-70b": models.ModelConfig(arch="llama", vocab_size=128256, d_model=8192,
-                                        n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
-                                        tie_embeddings=False, rope_theta=5e5, max_len=131072),
-    # A tiny model for tests and quick checks.
-    "tiny": models.ModelConfig(arch="llama", vocab_size=512, d_model=128, n_layers=2, n_heads=4,
-                               n_kv_heads=2, d_ff=512, max_len=512),
-}
+# Real-size configurations: `rlhf_jax.models.presets` (built from the transformers config classes
+# with the published hyperparameters, converted as a checkpoint import), plus a tiny model for
+# tests and quick checks.
+TINY = models.ModelConfig(arch="llama", vocab_size=512, d_model=128, n_layers=2, n_heads=4,
+                          n_kv_heads=2, d_ff=512, max_len=512)
+MODEL_NAMES = (*presets.NAMES, "tiny")
 
 
 def model_config(name: str, **overrides) -> models.ModelConfig:
-    if name not in MODELS:
-        raise UserError("--model", f"{name!r} is unknown", f"choose one of {sorted(MODELS)}")
-    return MODELS[name].replace(**overrides)
+    if name == "tiny":
+        return TINY.replace(**overrides)
+    if name.lower() not in presets.NAMES and name.split("/")[-1].lower() not in presets.NAMES:
+        raise UserError("--model", f"{name!r} is unknown", f"choose one of {list(MODEL_NAMES)}")
+    return presets.model_config(name, **overrides)
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -815,10 +799,10 @@ def scale_table(compile_top: int = 0, models_=TABLE_MODELS, out=sys.stdout) -> N
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_jax.plan", description=__doc__.split(
+    ap = errors.ArgumentParser(prog="python -m rlhf_jax.plan", description=__doc__.split(
         "\n\n")[0])
     ap.add_argument("--stage", default="sft", choices=STAGES)
-    ap.add_argument("--model", default="llama-3.1-8b", help=f"one of {sorted(MODELS)}")
+    ap.add_argument("--model", default="llama-3.1-8b", help=f"one of {list(MODEL_NAMES)}")
     ap.add_argument("--topology", default="v5e:16x16")
     ap.add_argument("--num_slices", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
@@ -883,4 +867,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    argv, verbose = errors.pop_verbose(sys.argv)
+    raise SystemExit(errors.report_user_errors(main, argv[1:], verbose=verbose))

@@ -15,7 +15,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from rlhf_jax import models, plan  # noqa: E402
 
-TINY = plan.MODELS["tiny"]
+TINY = plan.TINY
 SMALL = dict(batch=8, seq=64, prompt_len=32, response_len=32, samples=2)
 
 
@@ -48,7 +48,7 @@ def test_fsdp_n_holds_one_nth_of_the_parameters():
 
 
 def test_8b_ppo_does_not_fit_v5e16_replicated_and_the_smallest_slice_is_found():
-    cfg = plan.MODELS["llama-3.1-8b"]
+    cfg = plan.model_config("llama-3.1-8b")
     opts = plan.Options(stage="ppo", batch=64, prompt_len=512, response_len=512)
     chip = plan.CHIPS["v5e"]
     replicated = plan.make_plan(cfg, dataclasses.replace(opts, mesh=(16, 1, 1)),

@@ -150,7 +150,7 @@ def test_convert_usage_error_is_one_line(capsys):
 
 
 # Files that still print another prefix; the lead rewires them at merge (then empty this).
-OTHER_PREFIX_PENDING = {"experiments/weak_to_strong.py"}
+OTHER_PREFIX_PENDING: set[str] = set()
 
 
 def test_every_entry_point_prints_the_same_error_prefix():
@@ -199,7 +199,6 @@ def test_a_refused_run_leaves_no_empty_work_dir(tmp_path, capsys):
 # Each test below fails until its wiring lands (listed in the issue-26 branch's report); then it
 # passes, the strict xfail turns that into a failure, and the marker comes off.
 
-WIRED_AT_MERGE = pytest.mark.xfail(strict=True, reason="wired at merge (issue 26)")
 
 
 def test_pipeline_validate_checks_the_comparison_block():
@@ -213,31 +212,29 @@ def test_pipeline_validate_checks_the_comparison_block():
         pipeline.validate(many)
 
 
-@WIRED_AT_MERGE
-def test_weak_to_strong_bad_runner_is_a_one_line_user_error(capsys):
+def test_weak_to_strong_bad_flag_is_a_one_line_user_error(capsys):
     from experiments import weak_to_strong
 
-    assert weak_to_strong.main(["prog", "--runner=bogus"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: --runner")
+    for bad in ("--runner=bogus", "--workers=two"):
+        assert weak_to_strong.main(["prog", bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: {bad.split('=')[0]}")
 
 
-@WIRED_AT_MERGE
 def test_weak_to_strong_honours_config_workdir(tmp_path, monkeypatch):
-    from experiments import weak_to_strong
+    from experiments import lib, weak_to_strong
 
     seen = {}
 
     class Stop(Exception):
         pass
 
-    def runner(trials):
-        seen["dirs"] = [weak_to_strong.trial_config(t).workdir for t in trials]
+    def run_trials(trials, out, workers):
+        seen["dirs"] = [str(out), *(str(t.workdir) for t in trials)]
         raise Stop
 
-    monkeypatch.setitem(weak_to_strong.RUNNERS, "fake", runner)
+    monkeypatch.setattr(lib, "run_trials", run_trials)
     with pytest.raises(Stop):
         weak_to_strong.run(["prog", f"--config={ROOT / 'configs' / 'w2s_sim.py'}:tiny",
-                            "--runner=fake", "--no_compile_cache",
-                            f"--config.workdir={tmp_path / 'mine'}"])
+                            "--no_compile_cache", f"--config.workdir={tmp_path / 'mine'}"])
     assert seen["dirs"] and all(d.startswith(str(tmp_path / "mine")) for d in seen["dirs"])
