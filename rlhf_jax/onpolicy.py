@@ -262,11 +262,10 @@ def run(config, name: str, build: Callable) -> dict:
                                                    int(config.train.batch_size), method.ptx_rows)
     judge = RolloutJudge(config.eval, m.tokenizer, train_texts)
     evaluator = Evaluator(policy_eval(config, m, eval_texts, tr), method, tr)
-    update_jit = jax.jit(functools.partial(method.update, optimizer,
-                                           batch_sharding=tr.batch_sharding),
-                         donate_argnums=(0, 1),
-                         out_shardings=(tr.state_shardings.params,
-                                        tr.state_shardings.opt_state, tr.replicated))
+    # Params and optimizer state donated; under LoRA only the adapter trains (the base is shared
+    # with the reference and not donated).
+    update_jit = tr.jit_update(functools.partial(method.update, optimizer,
+                                                 batch_sharding=tr.batch_sharding))
     shuffle_key = tr.key(Purpose.SHUFFLE)
 
     def step_fn(state, frozen, batch, key):
