@@ -428,6 +428,20 @@ def run(config) -> dict:
             log.info("w2s: trial %s is finished; reusing its summary", root)
             return {**done, "trial_reused": True}
     data = classification.TaskData(config)
+    runs, probs = _train_trial(config, data, root, trial_key)
+    summary = _trial_summary(config, data, runs, probs, trial_key)
+    summary["seconds"] = round(time.perf_counter() - t_start, 2)
+    summary["trial_reused"] = False
+    if jax.process_index() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    return summary
+
+
+def _train_trial(config, data, root: Path, trial_key: str) -> tuple[dict, dict]:
+    """Train (or reuse) the weak supervisor, the medium and strong students and the ceiling;
+    returns their run records and the weak and strong test probabilities."""
     seed = int(config.seed)
     shared = Path(config.shared_dir) / run_key(data.fingerprint()) / f"seed{seed}"
     gt = {"kind": "naive", "alpha": 0.0, "warmup_frac": 0.0, "schedule": "reference"}
@@ -458,14 +472,19 @@ def run(config) -> dict:
     runs["ceiling"] = train_classifier(config, workdir=gt_dir("ceiling", config.strong),
                                        role="ceiling", model=config.strong, train_rows=b,
                                        targets=y_train[b], loss=gt, label_rows=None, data=data)
-
-    acc = {k: float(v["test_accuracy"]) for k, v in runs.items()}
-    test_y = data.labels("test")
     probs = {"weak": np.load(gt_dir("weak", config.weak) / "probs_test.npy"),
              "strong": np.load(student_dir / "probs_test.npy")}
+    return runs, probs
+
+
+def _trial_summary(config, data, runs: dict, probs: dict, trial_key: str) -> dict[str, Any]:
+    """The trial's summary.json (accuracies, PGR, agreement, per-run records)."""
+    acc = {k: float(v["test_accuracy"]) for k, v in runs.items()}
+    test_y = data.labels("test")
     summary: dict[str, Any] = {
         "trial_key": trial_key, "task": config.task.kind, "weak": config.weak,
-        "strong": config.strong, "medium": config.medium, "loss": config.loss.kind, "seed": seed,
+        "strong": config.strong, "medium": config.medium, "loss": config.loss.kind,
+        "seed": int(config.seed),
         "acc_weak": acc["weak"], "acc_w2s": acc["strong"], "acc_ceiling": acc["ceiling"],
         # null when the ceiling equals the weak accuracy (PGR undefined; JSON has no NaN).
         "pgr": _finite_or_none(pgr(acc["weak"], acc["strong"], acc["ceiling"])),
@@ -473,7 +492,7 @@ def run(config) -> dict:
         "student_supervisor_agreement": float(np.mean((probs["weak"] > 0.5) ==
                                                       (probs["strong"] > 0.5))),
         "weak_label_accuracy": float(runs["weak"]["label_accuracy"]),
-        "test_rows": int(len(test_y)), "half_rows": int(len(b)),
+        "test_rows": int(len(test_y)), "half_rows": int(len(data.half_b)),
         "data": data.stats,
         "runs": {k: {"workdir": str(v.get("workdir", "")), "test_accuracy": v["test_accuracy"],
                      "seconds": v["seconds"], "train_seconds": v["train_seconds"],
@@ -483,12 +502,6 @@ def run(config) -> dict:
     }
     if config.medium:
         summary["acc_medium"] = acc["medium"]
-    summary["seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["trial_reused"] = False
-    if jax.process_index() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     return summary
 
 
