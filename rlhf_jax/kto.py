@@ -1,8 +1,8 @@
 """KTO (Ethayarajh et al. 2024): the policy learns from unpaired desirable / undesirable examples.
 
     python -m rlhf_jax.kto --config=configs/kto_sim.py --config.init_from=runs/sft_sim
-    python -m rlhf_jax.kto --config=configs/kto_sim.py --config.data.source="{'kind':
-        'feedback_jsonl', 'train': ('a.jsonl',), 'eval': ('b.jsonl',)}"   # binary feedback
+    python -m rlhf_jax.kto --config=configs/kto_sim.py --config.init_from=runs/sft_sim \
+        --config.data.source="{'kind': 'feedback_jsonl', 'train': ('a.jsonl',), 'eval': ('b.jsonl',)}"
 
 With r = log π(y|x) − log π_ref(y|x) summed over the response tokens (π_ref the frozen SFT
 policy) and the reference point z₀ (below), the loss of an example is
