@@ -130,7 +130,18 @@ def static_reads(roots=CODE_ROOTS) -> tuple[set[str], tuple[str, ...]]:
                         and isinstance(node.values[0], ast.Constant) \
                         and re.fullmatch(r"\w{3,}", str(node.values[0].value)):
                     prefixes.add(node.values[0].value)
-    return names, tuple(sorted(prefixes))
+    return names | registry_reads(), tuple(sorted(prefixes))
+
+
+def registry_reads() -> set[str]:
+    """Fields the experiments read by a method registry entry's name, which no source line
+    spells: the frontier's per-method knob lists (`ppo_betas`, `experiments.frontier.values_field`)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from experiments import frontier
+    from rlhf_jax import registry
+
+    return {frontier.values_field(m) for m in registry.METHODS.values()}
 
 
 def config_files() -> list[Path]:
