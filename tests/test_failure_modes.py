@@ -23,11 +23,10 @@ WORLD = "failure_modes"
 
 # ------------------------------------------------------------------- keys of neutral fields
 def _without_neutral(config) -> ml_collections.ConfigDict:
-    """The config as it was before the issue-16 fields existed (those fields removed)."""
-    def strip(d, prefix=""):
-        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()
-                if isinstance(v, dict) or not provenance.is_neutral(f"{prefix}{k}", v)}
-    return ml_collections.ConfigDict(strip(config.copy_and_resolve_references().to_dict()))
+    """The config as it was before the newer fields existed (the issue-16 fields and the
+    `lora` block at their neutral values removed, a block whose every field is neutral whole)."""
+    return ml_collections.ConfigDict(
+        provenance.strip_neutral(config.copy_and_resolve_references().to_dict()))
 
 
 def _shipped():
