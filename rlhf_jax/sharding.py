@@ -181,7 +181,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules | None = None,
         mesh_axes = () if target is None else ((target,) if isinstance(target, str) else target)
         mesh_axes = tuple(a for a in mesh_axes if a not in used)
         if mesh is not None:
-            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)  # size-1 axes: no-op
+            # Size-1 axes, and axes this mesh does not have (a `jax.set_mesh` mesh of the
+            # caller's own, e.g. data only), are no-ops.
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape.get(a, 1) > 1)
         if mesh_axes and shape is not None and mesh is not None:
             size = math.prod(mesh.shape[a] for a in mesh_axes)
             if shape[d] % size:
