@@ -39,8 +39,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Modules named in the docs that this branch does not have yet (merged from other branches).
-PENDING_MODULES: set[str] = set()
 # Fields whose value is a stage work dir the command reads.
 INPUT_FIELDS = ("init_from", "reward_from", "sft_from", "rm_from")
 # The stage dirs each module needs (an empty value is an error when it runs).
@@ -219,8 +217,6 @@ def problems(cmds: list[Command] | None = None, chain: bool = True) -> list[str]
             bad.append(f"{cmd.where}: {cmd}: not a `python -m` command or a script")
         elif cmd.module in ("pytest", "pip"):
             pass
-        elif cmd.module in PENDING_MODULES:
-            pass  # checked once the module is merged (then drop it from PENDING_MODULES)
         elif not _module_exists(cmd.module):
             bad.append(f"{cmd.where}: python -m {cmd.module}: no such module")
         elif not cmd.has_placeholder:
@@ -232,8 +228,7 @@ def problems(cmds: list[Command] | None = None, chain: bool = True) -> list[str]
             from rlhf_jax import registry
 
             names = [m for m in str(config.methods).split(",") if m]
-            missing = [m for m in names if m not in registry.METHODS
-                       and f"rlhf_jax.{m}" not in PENDING_MODULES]
+            missing = [m for m in names if m not in registry.METHODS]
             if missing:
                 bad.append(f"{cmd.where}: --config.methods: {missing} are not pipeline methods")
         for field in REQUIRED_INPUTS.get(cmd.module, ()) if config is not None and chain else ():
@@ -320,7 +315,7 @@ def runnable(cmd: Command) -> bool:
     """Whether the command can run here as written: a `python -m` stage or experiment with no
     placeholders, no external model or data (`hf:`, absolute paths) and a module we have."""
     return (cmd.module is not None and cmd.module.startswith(("rlhf_jax.", "experiments."))
-            and cmd.module not in PENDING_MODULES and cmd.module != "rlhf_jax.sweep"
+            and cmd.module != "rlhf_jax.sweep"
             and not cmd.has_placeholder
             and not any("hf:" in a or "=/" in a for a in cmd.args))
 

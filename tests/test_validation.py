@@ -195,9 +195,7 @@ def test_a_refused_run_leaves_no_empty_work_dir(tmp_path, capsys):
     assert existing.is_dir()
 
 
-# ------------------------------------------- checks wired into files owned by other branches
-# Each test below fails until its wiring lands (listed in the issue-26 branch's report); then it
-# passes, the strict xfail turns that into a failure, and the marker comes off.
+# ------------------------------------------- checks wired into the pipeline and weak-to-strong
 
 
 
